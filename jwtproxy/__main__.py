@@ -1,0 +1,3 @@
+from jwtproxy.cli import main
+
+raise SystemExit(main())
