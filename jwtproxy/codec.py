@@ -1,0 +1,353 @@
+"""HTTP/1.1 request codecs: bytes in, request events out.
+
+Theory of operation
+-------------------
+A codec is a narrow adapter between the client socket and :class:`~jwtproxy.connection.ClientConnection`.
+It turns received bytes into three events on a :class:`CodecHandler`: ``on_request_head``,
+``on_request_body`` and ``on_request_end``; it never writes, never reads the clock, never decides
+anything about routing or auth. Responses are not produced by the codec: the connection writes bytes.
+
+Two implementations exist, selected by ``server.http_parser``:
+
+* :class:`HttptoolsCodec` wraps llhttp (C), the default. It is strict already: obs-fold, bare LF,
+  duplicate ``Content-Length``, ``Content-Length`` with ``Transfer-Encoding`` and chunk-size overflow
+  are parse errors.
+* :class:`H11Codec` wraps h11 (pure Python). h11 is lenient where llhttp is strict (it unfolds
+  obs-fold, accepts bare LF, merges identical ``Content-Length`` headers, tolerates control
+  characters in values), so the adapter buffers each request head and checks it against llhttp's
+  rules before h11 sees it. Both codecs must reject the same requests with the same status; the
+  differential tests in ``tests/test_codec.py`` and ``tests/adversarial/`` hold them to it.
+
+Framing rules that do not depend on the parser (exactly one ``Host``, ``Transfer-Encoding`` only
+``chunked``, ``Content-Length`` digits only) are checked once, after the head, in
+:func:`jwtproxy.headerpolicy.scan_request_head`.
+
+Upgrades: llhttp stops at the end of a head that asks for an upgrade (and at ``CONNECT``). When
+the handler sets :attr:`Codec.tunnel_after_message` during ``on_request_head`` the remaining bytes
+go to ``on_tunnel_data`` untouched; otherwise parsing simply continues (an ignored ``h2c`` upgrade
+is an ordinary request).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+import h11
+import httptools
+
+__all__ = [
+    "Codec",
+    "CodecHandler",
+    "H11Codec",
+    "HttptoolsCodec",
+    "ProtocolError",
+    "RequestHead",
+    "make_codec",
+]
+
+
+class ProtocolError(Exception):
+    """The client broke HTTP/1.1; ``status`` is the answer (400, 431, 501) before closing."""
+
+    def __init__(self, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.description = description
+        self.status = status
+
+
+class RequestHead:
+    """One parsed request head. Header names are lower-case bytes, in arrival order."""
+
+    __slots__ = ("method", "target", "version", "headers", "keep_alive", "upgrade")
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        upgrade: bool,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+
+
+class CodecHandler(Protocol):
+    def on_request_head(self, head: RequestHead) -> None: ...
+    def on_request_body(self, data: bytes) -> None: ...
+    def on_request_end(self) -> None: ...
+    def on_tunnel_data(self, data: bytes) -> None: ...
+
+
+class Codec(Protocol):
+    tunnel_after_message: bool
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; events go to the handler. Raises :class:`ProtocolError`."""
+        ...
+
+
+def _unwrap_callback_error(exc: BaseException) -> BaseException:
+    """httptools re-raises a callback's exception as HttpParserCallbackError; find the original."""
+    inner = exc.__cause__ or exc.__context__
+    return inner if inner is not None else exc
+
+
+class HttptoolsCodec:
+    """llhttp through httptools. One instance per client connection."""
+
+    __slots__ = (
+        "handler",
+        "max_header_bytes",
+        "tunnel_after_message",
+        "_parser",
+        "_url",
+        "_headers",
+        "_head_bytes",
+        "_in_head",
+        "_tunnel",
+    )
+
+    def __init__(self, handler: CodecHandler, max_header_bytes: int) -> None:
+        self.handler = handler
+        self.max_header_bytes = max_header_bytes
+        self.tunnel_after_message = False
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._in_head = False
+        self._tunnel = False
+
+    # -- feeding -------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        if self._tunnel:
+            self.handler.on_tunnel_data(data)
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            rest = data[upgrade.args[0]:]
+            if self.tunnel_after_message:
+                self._tunnel = True
+                if rest:
+                    self.handler.on_tunnel_data(rest)
+            else:
+                # An upgrade we do not honour (h2c, or one that was refused): carry on with HTTP.
+                self._parser = httptools.HttpRequestParser(self)
+                if rest:
+                    self.feed(rest)
+            return
+        except httptools.HttpParserCallbackError as exc:
+            inner = _unwrap_callback_error(exc)
+            if isinstance(inner, ProtocolError):
+                raise inner from None
+            raise
+        except httptools.HttpParserError as exc:
+            raise ProtocolError(f"malformed request: {exc}") from None
+        if self._in_head:
+            # llhttp keeps a partial header in its own buffer; bound what a client can make it hold.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                raise ProtocolError("request head too large", 431)
+
+    # -- llhttp callbacks ----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._in_head = True
+        self.tunnel_after_message = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self.max_header_bytes:
+            raise ProtocolError("request head too large", 431)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.max_header_bytes:
+            raise ProtocolError("request head too large", 431)
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        self.handler.on_request_head(
+            RequestHead(
+                parser.get_method(),
+                self._url,
+                parser.get_http_version().encode(),
+                self._headers,
+                parser.should_keep_alive(),
+                parser.should_upgrade(),
+            )
+        )
+
+    def on_body(self, body: bytes) -> None:
+        self.handler.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        self.handler.on_request_end()
+
+
+# What llhttp refuses in a head and h11 lets through: control characters other than HTAB,
+# CR and LF, and a line starting with whitespace (obs-fold, RFC 9112 §5.2).
+_H11_BAD_HEAD_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r\n[ \t]")
+
+
+class H11Codec:
+    """h11, held to llhttp's strictness. One instance per client connection.
+
+    h11 is a whole-connection state machine that expects us to send responses through it; we only
+    use its request parsing, so after each complete request a fresh ``h11.Connection`` takes over
+    the remaining bytes.
+    """
+
+    __slots__ = (
+        "handler",
+        "max_header_bytes",
+        "tunnel_after_message",
+        "_conn",
+        "_head_buffer",
+        "_in_head",
+        "_tunnel",
+        "_chunked",
+    )
+
+    def __init__(self, handler: CodecHandler, max_header_bytes: int) -> None:
+        self.handler = handler
+        self.max_header_bytes = max_header_bytes
+        self.tunnel_after_message = False
+        self._conn = self._new_connection()
+        self._head_buffer = b""
+        self._in_head = True
+        self._tunnel = False
+        self._chunked = False
+
+    def _new_connection(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes + 4)
+
+    def feed(self, data: bytes) -> None:
+        while data:
+            if self._tunnel:
+                self.handler.on_tunnel_data(data)
+                return
+            if self._in_head:
+                data = self._buffer_head(data)
+                if data is None:
+                    return
+            data = self._pump(data)
+
+    def _buffer_head(self, data: bytes) -> bytes | None:
+        """Collect a complete head, check it, and return the bytes to give h11 (None: need more)."""
+        buffer = self._head_buffer + data
+        if not self._head_buffer:
+            # Empty lines before a request line are tolerated (RFC 9112 §2.2), as llhttp does.
+            buffer = buffer.lstrip(b"\r\n") if buffer[:1] in (b"\r", b"\n") else buffer
+        end = buffer.find(b"\r\n\r\n")
+        head = buffer if end < 0 else buffer[: end + 2]
+        if head.count(b"\n") != head.count(b"\r\n"):
+            raise ProtocolError("malformed request: bare LF in request head")
+        if _H11_BAD_HEAD_BYTES.search(head):
+            raise ProtocolError("malformed request: invalid character or obs-fold in request head")
+        if len(head) > self.max_header_bytes:
+            raise ProtocolError("request head too large", 431)
+        if end < 0:
+            self._head_buffer = buffer
+            return None
+        if self._count_content_length(head) > 1:
+            raise ProtocolError("malformed request: duplicate Content-Length")
+        self._head_buffer = b""
+        self._in_head = False
+        return buffer
+
+    @staticmethod
+    def _count_content_length(head: bytes) -> int:
+        return head.lower().count(b"\r\ncontent-length:")
+
+    def _pump(self, data: bytes) -> bytes:
+        """Feed h11 and dispatch its events; return bytes that belong to the next request."""
+        conn = self._conn
+        conn.receive_data(data)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    self._check_chunk_size(conn)
+                    return b""
+                if isinstance(event, h11.Data):
+                    self.handler.on_request_body(bytes(event.data))
+                elif isinstance(event, h11.Request):
+                    self.tunnel_after_message = False
+                    headers = list(event.headers.raw_items())
+                    headers = [(name.lower(), value) for name, value in headers]
+                    self._chunked = any(n == b"transfer-encoding" for n, _ in headers)
+                    self.handler.on_request_head(
+                        RequestHead(
+                            event.method,
+                            event.target,
+                            event.http_version,
+                            headers,
+                            _h11_keep_alive(event),
+                            _h11_upgrade(headers) or event.method == b"CONNECT",
+                        )
+                    )
+                elif isinstance(event, h11.EndOfMessage):
+                    self.handler.on_request_end()
+                    # Whatever follows belongs to the next request (or to the tunnel). Take it now:
+                    # h11 would refuse more data after an HTTP/1.0 request, which we keep alive.
+                    rest = bytes(conn.trailing_data[0])
+                    self._conn = self._new_connection()
+                    self._in_head = True
+                    if self.tunnel_after_message:
+                        self._tunnel = True
+                    return rest
+                elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                    return b""
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            if status not in (400, 431):
+                status = 400  # llhttp says 400 for what h11 calls 501 (e.g. Transfer-Encoding: gzip)
+            raise ProtocolError(f"malformed request: {exc}", status) from None
+
+    def _check_chunk_size(self, conn: h11.Connection) -> None:
+        # llhttp refuses a chunk size that overflows 64 bits; h11 accepts up to 20 hex digits.
+        if self._chunked:
+            remaining = getattr(getattr(conn, "_reader", None), "_bytes_in_chunk", 0)
+            if isinstance(remaining, int) and remaining >= 1 << 64:
+                raise ProtocolError("malformed request: chunk size overflow")
+
+
+def _h11_keep_alive(request: h11.Request) -> bool:
+    connection = b",".join(v for n, v in request.headers if n == b"connection").lower()
+    tokens = {t.strip() for t in connection.split(b",")}
+    if request.http_version == b"1.0":
+        return b"keep-alive" in tokens
+    return b"close" not in tokens
+
+
+def _h11_upgrade(headers: list[tuple[bytes, bytes]]) -> bool:
+    """llhttp's rule: an Upgrade header plus 'upgrade' among the Connection tokens."""
+    has_upgrade = False
+    connection_upgrade = False
+    for name, value in headers:
+        if name == b"upgrade":
+            has_upgrade = True
+        elif name == b"connection":
+            connection_upgrade |= b"upgrade" in {t.strip() for t in value.lower().split(b",")}
+    return has_upgrade and connection_upgrade
+
+
+def make_codec(kind: str, handler: CodecHandler, max_header_bytes: int) -> Codec:
+    """The codec named by ``server.http_parser``."""
+    if kind == "h11":
+        return H11Codec(handler, max_header_bytes)
+    return HttptoolsCodec(handler, max_header_bytes)

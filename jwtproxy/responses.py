@@ -1,0 +1,96 @@
+"""Responses the gateway answers itself: JSON errors in the RFC 6750 shape.
+
+Every byte of these responses comes from the gateway's own vocabulary (fixed descriptions, the
+configured scope names); nothing a client sent is echoed, so no escaping question arises beyond
+JSON encoding.
+"""
+
+from __future__ import annotations
+
+import json
+
+REASONS = {
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+ERROR_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+    431: "request_header_fields_too_large",
+    500: "internal_error",
+    502: "bad_gateway",
+    503: "temporarily_unavailable",
+    504: "gateway_timeout",
+}
+
+REALM = b'Bearer realm="jwtproxy"'
+
+
+def _quoted(value: str) -> bytes:
+    """An RFC 9110 quoted-string of our own text (never client input)."""
+    return b'"' + value.replace("\\", "\\\\").replace('"', '\\"').encode("ascii", "replace") + b'"'
+
+
+def www_authenticate(error: str | None = None, description: str | None = None, scope: str | None = None) -> bytes:
+    """The ``WWW-Authenticate`` value of SPEC §4's error table."""
+    if error is None:
+        return REALM
+    value = REALM + b", error=" + _quoted(error)
+    if description:
+        value += b", error_description=" + _quoted(description)
+    if scope:
+        value += b", scope=" + _quoted(scope)
+    return value
+
+
+def error_response(
+    status: int,
+    description: str,
+    *,
+    error: str | None = None,
+    request_id: bytes = b"",
+    close: bool = False,
+    www_auth: bytes | None = None,
+    retry_after: int | None = None,
+    head_only: bool = False,
+) -> bytes:
+    """A complete HTTP/1.1 response with a JSON body ``{"error", "error_description"}``."""
+    body = json.dumps(
+        {"error": error or ERROR_CODES.get(status, "error"), "error_description": description},
+        separators=(",", ":"),
+    ).encode()
+    parts = [
+        b"HTTP/1.1 ",
+        str(status).encode(),
+        b" ",
+        REASONS.get(status, b"Error"),
+        b"\r\ncontent-type: application/json\r\ncache-control: no-store\r\ncontent-length: ",
+        str(len(body)).encode(),
+        b"\r\n",
+    ]
+    if www_auth is not None:
+        parts += (b"www-authenticate: ", www_auth, b"\r\n")
+    if retry_after is not None:
+        parts += (b"retry-after: ", str(retry_after).encode(), b"\r\n")
+    if request_id:
+        parts += (b"x-request-id: ", request_id, b"\r\n")
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)

@@ -1,0 +1,435 @@
+"""Pooled keep-alive connections to upstream targets, on raw (uv)loop transports.
+
+Theory of operation
+-------------------
+An :class:`UpstreamPool` exists per ``[upstream.NAME]``. It hands out :class:`UpstreamConnection`
+objects: an idle one when it has one (synchronously: the hot path never awaits), otherwise a new
+connection (the caller awaits :meth:`UpstreamPool.connect`). Targets are chosen round robin; a
+failed connect moves on to the next target, so one dead target does not fail requests while another
+is up.
+
+An :class:`UpstreamConnection` carries one exchange at a time. It writes the request head and body
+it is given and parses the response with llhttp (``httptools.HttpResponseParser``), handing the
+response head, body pieces and end to its :class:`ResponseSink` (the client connection). After a
+complete response on a connection the upstream keeps open, with the request fully sent, the
+connection goes back to the pool; anything else closes it, so a half-used connection is never
+reused.
+
+Flow control couples the two sides: when the client cannot take more response bytes the sink
+pauses this connection's reading; when this connection cannot take more request bytes it asks the
+sink to pause the client's reading.
+
+llhttp cannot be told that a response answers a ``HEAD`` request, so for ``HEAD`` the parse is cut
+off after the head (a ``_HeadDone`` raised from the callback) and a fresh parser is made for the
+next response. Interim ``1xx`` responses other than ``101`` are dropped: the gateway answers
+``Expect: 100-continue`` itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+import httptools
+
+from jwtproxy.config import Target, UpstreamConfig
+
+__all__ = ["ResponseSink", "UpstreamConnection", "UpstreamError", "UpstreamPool"]
+
+
+class UpstreamError(Exception):
+    """A request could not be delivered. ``kind`` is the metric label, ``status`` the client's answer."""
+
+    def __init__(self, kind: str, status: int, description: str) -> None:
+        super().__init__(description)
+        self.kind = kind
+        self.status = status
+        self.description = description
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection reports to (implemented by the client side's exchange)."""
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
+    ) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_end(self) -> None: ...
+    def on_response_flushed(self) -> None: ...
+    def on_upstream_failed(self, error: UpstreamError, retryable: bool) -> None: ...
+    def on_tunnel_data(self, data: bytes) -> None: ...
+    def pause_client_reading(self) -> None: ...
+    def resume_client_reading(self) -> None: ...
+
+
+class _HeadDone(Exception):
+    """Raised from the parser callback to stop parsing after the head of a response to HEAD."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "pool",
+        "target_index",
+        "transport",
+        "closed",
+        "idle_since",
+        "reused",
+        "sink",
+        "_parser",
+        "_reason",
+        "_headers",
+        "_interim",
+        "_is_head",
+        "_got_bytes",
+        "_head_seen",
+        "_close_delimited",
+        "_request_done",
+        "_response_done",
+        "_keep_alive",
+        "_timer",
+        "_tunnel",
+        "_paused_reading",
+    )
+
+    def __init__(self, pool: UpstreamPool, target_index: int) -> None:
+        self.pool = pool
+        self.target_index = target_index
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self.sink: ResponseSink | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._interim = False
+        self._is_head = False
+        self._got_bytes = False
+        self._head_seen = False
+        self._close_delimited = False
+        self._request_done = False
+        self._response_done = False
+        self._keep_alive = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._tunnel = False
+        self._paused_reading = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        sink = self.sink
+        if sink is None:
+            return
+        self.sink = None
+        if self._tunnel:
+            sink.on_response_end()
+            return
+        if self._head_seen and self._close_delimited and not self._response_done:
+            # A response without Content-Length or chunking ends when the upstream closes.
+            self._response_done = True
+            sink.on_response_end()
+            sink.on_response_flushed()
+            return
+        if not self._response_done:
+            retryable = self.reused and not self._got_bytes
+            sink.on_upstream_failed(
+                UpstreamError("reset", 502, "upstream closed the connection"), retryable
+            )
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            # Bytes on an idle connection: the upstream is confused; never reuse it.
+            self.close()
+            return
+        if self._tunnel:
+            sink.on_tunnel_data(data)
+            return
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except _HeadDone:
+            self._parser = httptools.HttpResponseParser(self)
+            self._finish_response()
+        except httptools.HttpParserCallbackError as exc:
+            inner = exc.__cause__ or exc.__context__
+            if isinstance(inner, _HeadDone):
+                self._parser = httptools.HttpResponseParser(self)
+                self._finish_response()
+            else:
+                raise
+        except httptools.HttpParserUpgrade as upgrade:
+            rest = data[upgrade.args[0]:]
+            self._tunnel = True
+            if rest:
+                sink.on_tunnel_data(rest)
+        except httptools.HttpParserError:
+            self._fail(UpstreamError("protocol", 502, "upstream sent an invalid response"))
+            return
+        if self.sink is not None:
+            self.sink.on_response_flushed()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.resume_client_reading()
+
+    # -- llhttp callbacks ------------------------------------------------------------------------
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim = True
+            self._reason = b""
+            self._headers = []
+            return
+        self._cancel_timer()
+        self._head_seen = True
+        headers = self._headers
+        self._headers = []
+        reason = self._reason or b"-"
+        self._reason = b""
+        keep_alive = self._parser.should_keep_alive()
+        self._keep_alive = keep_alive
+        framed = status in (204, 304) or self._is_head or status == 101
+        if not framed:
+            framed = any(n == b"content-length" or n == b"transfer-encoding" for n, _ in headers)
+        self._close_delimited = not framed
+        if self.sink is not None:
+            self.sink.on_response_head(status, reason, headers, keep_alive)
+        if self._is_head:
+            raise _HeadDone()
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self._parser.get_status_code() == 101:
+            return  # llhttp raises HttpParserUpgrade next; the tunnel takes over from there
+        self._keep_alive = self._keep_alive and self._parser.should_keep_alive()
+        self._finish_response()
+
+    # -- driving an exchange ---------------------------------------------------------------------
+    def start(self, sink: ResponseSink, head: bytes, is_head: bool, response_timeout: float) -> None:
+        """Begin an exchange: write ``head`` (and whatever body bytes the caller sends next)."""
+        self.sink = sink
+        self._is_head = is_head
+        self._got_bytes = False
+        self._head_seen = False
+        self._request_done = False
+        self._response_done = False
+        self._keep_alive = False
+        self._close_delimited = False
+        self._interim = False
+        transport = self.transport
+        assert transport is not None  # connection_made ran before the pool handed us out
+        transport.write(head)
+        self._timer = asyncio.get_running_loop().call_later(response_timeout, self._on_timeout)
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def request_sent(self) -> None:
+        """The whole request body has been written."""
+        self._request_done = True
+
+    def tunnel_write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self._paused_reading and self.transport is not None and not self.closed:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused_reading and self.transport is not None and not self.closed:
+            self._paused_reading = False
+            self.transport.resume_reading()
+
+    def abandon(self) -> None:
+        """The client went away mid-exchange: this connection's state is unknown, close it."""
+        self.sink = None
+        self.close()
+
+    def close(self) -> None:
+        self._cancel_timer()
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _finish_response(self) -> None:
+        self._response_done = True
+        sink = self.sink
+        if sink is not None:
+            sink.on_response_end()
+        if self._request_done:
+            self._release()
+        else:
+            # The upstream answered before the request body was all sent: what it expects next on
+            # this connection is unknowable, so it is not reused.
+            self.sink = None
+            self.close()
+
+    def _release(self) -> None:
+        self.sink = None
+        self.resume_reading()
+        if self._keep_alive and not self.closed and not self._tunnel:
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        self._fail(UpstreamError("timeout", 504, "upstream timed out"))
+
+    def _fail(self, error: UpstreamError) -> None:
+        sink = self.sink
+        self.sink = None
+        self.close()
+        if sink is not None:
+            sink.on_upstream_failed(error, False)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class UpstreamPool:
+    """Keep-alive connections to the targets of one upstream, round robin."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        on_error: Callable[[str, str], None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.targets: tuple[Target, ...] = config.targets
+        self._idle: list[deque[UpstreamConnection]] = [deque() for _ in self.targets]
+        self._next = 0
+        self._on_error = on_error
+        # One context per pool: building one loads the system CA store (milliseconds).
+        if ssl_context is None and any(t.scheme == "https" for t in config.targets):
+            ssl_context = ssl.create_default_context()
+        self._ssl_context = ssl_context
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def _choose(self) -> int:
+        index = self._next
+        self._next = (index + 1) % len(self.targets)
+        return index
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """An idle kept-alive connection to the next target in turn, or None."""
+        index = self._choose() if len(self.targets) > 1 else 0
+        idle = self._idle[index]
+        while idle:
+            conn = idle.pop()  # most recently used first: least likely to have been closed
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        if len(self.targets) > 1:
+            # Leave the round robin where it was so connect() starts at the same target.
+            self._next = index
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """Open a connection, trying each target once in round-robin order."""
+        loop = asyncio.get_running_loop()
+        start = self._choose() if len(self.targets) > 1 else 0
+        last_error = UpstreamError("connect", 502, "no upstream target")
+        for step in range(len(self.targets)):
+            index = (start + step) % len(self.targets)
+            target = self.targets[index]
+            ssl_context = self._ssl_context if target.scheme == "https" else None
+            try:
+                _, conn = await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda index=index: UpstreamConnection(self, index),
+                        target.host,
+                        target.port,
+                        ssl=ssl_context,
+                        server_hostname=target.host if ssl_context else None,
+                    ),
+                    self.config.connect_timeout,
+                )
+            except asyncio.TimeoutError:
+                last_error = UpstreamError("timeout", 504, "upstream connect timed out")
+            except (OSError, ssl.SSLError) as exc:
+                kind = "tls" if isinstance(exc, ssl.SSLError) else "connect"
+                last_error = UpstreamError(kind, 502, "upstream connection refused")
+            else:
+                conn.reused = False
+                return conn
+            if self._on_error is not None:
+                self._on_error(self.name, last_error.kind)
+        raise last_error
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Return a connection whose exchange finished cleanly."""
+        idle = self._idle[conn.target_index]
+        if self._closed or len(idle) >= self.config.max_idle:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+        if self._sweeper is None:
+            self._schedule_sweep()
+
+    def _schedule_sweep(self) -> None:
+        period = max(0.05, min(self.config.idle_timeout / 2, 5.0))
+        self._sweeper = asyncio.get_running_loop().call_later(period, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        deadline = time.monotonic() - self.config.idle_timeout
+        remaining = 0
+        for idle in self._idle:
+            # Oldest first: idle connections are appended as they are released.
+            while idle and (idle[0].closed or idle[0].idle_since <= deadline):
+                idle.popleft().close()
+            remaining += len(idle)
+        if remaining and not self._closed:
+            self._schedule_sweep()
+
+    def idle_count(self) -> int:
+        return sum(len(idle) for idle in self._idle)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for idle in self._idle:
+            while idle:
+                idle.pop().close()
