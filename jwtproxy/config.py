@@ -1081,6 +1081,14 @@ def _check_path_prefix(prefix: str) -> str | None:
         return "must be a plain path: no query, fragment, spaces or control characters"
     if "//" in prefix or any(seg in (".", "..") for seg in prefix.split("/")):
         return "must be a normalised path: no '//', '.' or '..' segments"
+    from jwtproxy.routing import BadRequest, normalise_path  # routing imports this module's types
+
+    try:
+        normal = normalise_path(prefix)
+    except BadRequest as exc:
+        return f"is not a valid path: {exc.description}"
+    if normal != prefix:
+        return f"must be written in normalised form: '{normal}'"
     return None
 
 

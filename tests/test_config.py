@@ -818,6 +818,16 @@ CASES: list[tuple[str, Mutation, str]] = [
         "route[0].path_prefix: must be a normalised path: no '//', '.' or '..' segments",
     ),
     (
+        "path_prefix percent-encoded unreserved",
+        _route(path_prefix="/%7euser"),
+        "route[0].path_prefix: must be written in normalised form: '/~user'",
+    ),
+    (
+        "path_prefix encoded slash",
+        _route(path_prefix="/a%2Fb"),
+        "route[0].path_prefix: is not a valid path: encoded '/' (%2F) in path",
+    ),
+    (
         "path_prefix query",
         _route(path_prefix="/a?x=1"),
         "route[0].path_prefix: must be a plain path: no query, fragment, spaces or control characters",
