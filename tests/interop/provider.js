@@ -1,0 +1,142 @@
+// A real OpenID Provider for jwtproxy's interoperability tests (tests/interop/).
+//
+// It runs panva/oidc-provider (OpenID Certified) on loopback with:
+//   * the client_credentials grant and resource indicators (RFC 8707);
+//   * one resource server, indicator RESOURCE below, whose access tokens are RFC 9068 JWTs
+//     (`typ: at+jwt`, `aud: "api"`, `scope`, plus an extra `role` claim) signed with --alg;
+//   * the signing keys read from --keys (a JWKS *with* private parts, written by the Python
+//     test), so that key rotation is "restart with another key file".
+//
+// Usage: node provider.js --port P --keys FILE --alg ALG
+//   --port 0 picks a free port. The issuer is http://127.0.0.1:<port>. Once listening, one
+//   JSON line {"ready": true, "port": P, "issuer": ..., "alg": ...} is printed on stdout.
+//
+// Test-only endpoint, not part of oidc-provider: GET /__test/stats answers how many times each
+// path was requested since start, so a test can count JWKS fetches made by the gateway.
+
+import http from 'node:http';
+import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+
+import Provider from 'oidc-provider';
+
+export const RESOURCE = 'https://api.jwtproxy.test';
+export const AUDIENCE = 'api';
+
+const { values: args } = parseArgs({
+  options: {
+    port: { type: 'string', default: '0' },
+    keys: { type: 'string' },
+    alg: { type: 'string', default: 'RS256' },
+  },
+});
+if (!args.keys) {
+  process.stderr.write('provider.js: --keys FILE is required\n');
+  process.exit(2);
+}
+const alg = args.alg;
+const jwks = JSON.parse(readFileSync(args.keys, 'utf8'));
+
+// Two service clients: one may write payments, the other only read them. The `role` claim is
+// what a real deployment would look up in its client registry (extraTokenClaims below).
+const CLIENTS = [
+  {
+    client_id: 'merchant-app',
+    client_secret: 'merchant-app-secret-0123456789abcdef',
+    grant_types: ['client_credentials'],
+    response_types: [],
+    redirect_uris: [],
+    scope: 'payments:read payments:write',
+    token_endpoint_auth_method: 'client_secret_basic',
+    id_token_signed_response_alg: alg,
+  },
+  {
+    client_id: 'reporting-app',
+    client_secret: 'reporting-app-secret-0123456789abcdef',
+    grant_types: ['client_credentials'],
+    response_types: [],
+    redirect_uris: [],
+    scope: 'payments:read',
+    token_endpoint_auth_method: 'client_secret_post',
+    id_token_signed_response_alg: alg,
+  },
+];
+const ROLES = { 'merchant-app': 'merchant', 'reporting-app': 'auditor' };
+
+const counts = Object.create(null);
+
+// Listen first (port 0 = any free port) so the issuer URL can name the real port.
+const server = http.createServer();
+server.listen(Number(args.port), '127.0.0.1', () => {
+  const { port } = server.address();
+  const issuer = `http://127.0.0.1:${port}`;
+
+  const provider = new Provider(issuer, {
+    clients: CLIENTS,
+    jwks,
+    clientDefaults: {
+      grant_types: ['client_credentials'],
+      response_types: [],
+      id_token_signed_response_alg: alg,
+      token_endpoint_auth_method: 'client_secret_basic',
+    },
+    scopes: ['payments:read', 'payments:write'],
+    features: {
+      devInteractions: { enabled: false },
+      clientCredentials: { enabled: true },
+      // Lets the key file hold encryption keys (use: enc), which the provider then publishes
+      // next to its signing keys, as Keycloak does by default with its RSA-OAEP key.
+      encryption: { enabled: true },
+      introspection: { enabled: false },
+      resourceIndicators: {
+        enabled: true,
+        defaultResource: async () => RESOURCE,
+        useGrantedResource: async () => true,
+        getResourceServerInfo: async (ctx, resourceIndicator) => {
+          if (resourceIndicator !== RESOURCE) {
+            throw new Provider.errors.InvalidTarget();
+          }
+          return {
+            scope: 'payments:read payments:write',
+            audience: AUDIENCE,
+            accessTokenTTL: 600,
+            accessTokenFormat: 'jwt',
+            jwt: { sign: { alg } },
+          };
+        },
+      },
+    },
+    extraTokenClaims: async (ctx, token) => {
+      const role = ROLES[token.clientId];
+      return role ? { role } : undefined;
+    },
+    // Only loopback, only tests: no cookies are ever set by the client_credentials grant, but
+    // oidc-provider wants signing keys for them anyway.
+    cookies: { keys: ['interop-test-cookie-key-not-a-secret'] },
+  });
+
+  provider.use(async (ctx, next) => {
+    if (ctx.path === '/__test/stats') {
+      ctx.body = { counts };
+      return;
+    }
+    counts[ctx.path] = (counts[ctx.path] || 0) + 1;
+    await next();
+  });
+
+  server.on('request', provider.callback());
+  process.stdout.write(`${JSON.stringify({ ready: true, port, issuer, alg })}\n`);
+});
+
+server.on('error', (err) => {
+  process.stderr.write(`provider.js: ${err.message}\n`);
+  process.exit(1);
+});
+
+for (const signal of ['SIGTERM', 'SIGINT']) {
+  process.on(signal, () => {
+    server.close();
+    server.closeAllConnections();
+    process.exit(0);
+  });
+}
