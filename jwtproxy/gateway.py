@@ -190,6 +190,7 @@ async def serve_worker(config: Config, sockets: list[socket.socket], control: An
     """Run one worker until SIGTERM/SIGINT, then drain for ``shutdown_timeout`` and return."""
     from jwtproxy.jwks import KeyManager
     from jwtproxy.revocation import open_store
+    from jwtproxy.supervisor import LAST_GOOD_KEYS_ENV
 
     loop = asyncio.get_running_loop()
     metrics = WorkerMetrics()
@@ -208,6 +209,7 @@ async def serve_worker(config: Config, sockets: list[socket.socket], control: An
         gateway.verifier,
         on_change=on_keys_changed,
         on_refresh=metrics.jwks_refresh,
+        last_good_dir=os.environ.get(LAST_GOOD_KEYS_ENV),
     )
     gateway.auth.refetch_unknown_kid = keys.refetch_unknown_kid
 
@@ -229,7 +231,7 @@ async def serve_worker(config: Config, sockets: list[socket.socket], control: An
     flusher = loop.create_task(_flush_metrics(metrics))
     report()
     control.ready()
-    log_event("worker_ready", pid=os.getpid(), issuers=[i.name for i in config.issuers])
+    log_event("worker_serving", pid=os.getpid(), issuers=[i.name for i in config.issuers])
     reporter = loop.create_task(_report_periodically(report))
     try:
         await stop.wait()

@@ -54,7 +54,9 @@ Scheduling (one task per fetched issuer, sleeping a computed duration -- no poll
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -241,7 +243,9 @@ class KeyManager:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        last_good_dir: str | None = None,
     ) -> None:
+        self._last_good_dir = last_good_dir
         self._issuers: dict[str, _Issuer] = {cfg.name: _Issuer(cfg) for cfg in issuers}
         self._verifier = verifier
         self._on_change = on_change
@@ -277,6 +281,9 @@ class KeyManager:
         self._running = True
         fetched = [st for st in self._issuers.values() if st.kind != "hs_secret"]
         await asyncio.gather(*(self._shared_load(st) for st in fetched))
+        for st in fetched:
+            if st.keyset is None and st.kind != "jwks_file":
+                self._restore_last_good(st)
         for st in fetched:
             # jwks_file issuers change on SIGHUP (reload_files), not on a timer.
             if st.kind != "jwks_file":
@@ -386,10 +393,57 @@ class KeyManager:
                 document, max_age = await self._fetch_discovery(st)
             else:
                 document, max_age = await self._fetch_jwks(URL(st.source))
-            return self._install(st, self._parse(st, document), max_age)
+            changed = self._install(st, self._parse(st, document), max_age)
         except Exception as exc:  # any failure keeps the last good keys (invariant 1)
             self._failed(st, _describe(exc))
             return False
+        if changed:
+            self._remember(st, document)
+        return changed
+
+    # ------------------------------------------------------------------ last good keys
+    # A worker started while the IdP is unreachable (a SIGHUP reload, a replaced worker) would
+    # otherwise have no keys at all and answer 503 where the worker it replaces still verified
+    # tokens. Workers of one supervisor share a private directory holding each issuer's last
+    # good JWKS document; a new worker whose first fetch fails starts from it and keeps
+    # retrying the real source on the backoff schedule.
+
+    def _last_good_path(self, st: _Issuer) -> str | None:
+        if not self._last_good_dir:
+            return None
+        digest = hashlib.sha256(f"{st.cfg.name}\0{st.cfg.issuer}\0{st.source}".encode()).hexdigest()[:32]
+        return os.path.join(self._last_good_dir, f"{digest}.json")
+
+    def _remember(self, st: _Issuer, document: dict[str, Any]) -> None:
+        path = self._last_good_path(st)
+        if path is None:
+            return
+        try:
+            temporary = f"{path}.{os.getpid()}.tmp"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(document, f)
+            os.replace(temporary, path)
+        except (OSError, TypeError, ValueError) as exc:
+            self._emit(st, "jwks_last_good_write_failed", "warning", f"cannot keep last good keys: {exc}",
+                       reason=str(exc))
+
+    def _restore_last_good(self, st: _Issuer) -> None:
+        path = self._last_good_path(st)
+        if path is None or not os.path.exists(path):
+            return
+        try:
+            document = self._read_file(path)
+            self._install(st, self._parse(st, document), None)
+        except Exception as exc:  # a bad copy is only a missed shortcut; the fetch keeps retrying
+            self._emit(st, "jwks_last_good_unusable", "warning", f"last good keys unusable: {_describe(exc)}",
+                       reason=_describe(exc))
+            return
+        # _install scheduled a full period; the source is still failing, so retry on backoff.
+        st.failures = max(st.failures, 1)
+        st.next_delay = self._backoff(st)
+        st.last_error = "source unreachable; serving the last good keys of a previous worker"
+        self._emit(st, "jwks_last_good_restored", "warning", "serving the last good keys of a previous worker")
 
     def _load_file(self, st: _Issuer) -> bool:
         try:

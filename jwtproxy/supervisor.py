@@ -68,6 +68,8 @@ __all__ = ["Supervisor", "WorkerControl", "WorkerTarget", "bind_listener"]
 _QUEUED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _BLOCK_AROUND_FORK = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _MAX_MESSAGE = 1 << 20
+#: Environment variable naming the workers' shared last-good-keys directory.
+LAST_GOOD_KEYS_ENV = "JWTPROXY_LAST_GOOD_KEYS_DIR"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +258,7 @@ class Supervisor:
         self._store: Any = None
         self._metrics: SupervisorMetrics | None = None
         self._own_metrics_dir: str | None = None
+        self._keys_dir: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[int] | None = None
         self._changed: asyncio.Future[None] | None = None
@@ -328,6 +331,10 @@ class Supervisor:
             path = self._own_metrics_dir = tempfile.mkdtemp(prefix="jwtproxy-metrics-")
         enable_multiprocess(path, clean=True)
         self._metrics = SupervisorMetrics()
+        # Private (0700) directory where workers leave each issuer's last good JWKS, so a worker
+        # started while an IdP is down (reload, restart) begins with the keys its peers had.
+        self._keys_dir = tempfile.mkdtemp(prefix="jwtproxy-keys-")
+        os.environ[LAST_GOOD_KEYS_ENV] = self._keys_dir
 
     # -- signals ------------------------------------------------------------------------------
 
@@ -766,9 +773,13 @@ class Supervisor:
                 await self._store.close()
             except Exception as exc:  # closing a broken backend must not change the exit code
                 log_event("revocation_close_error", level="error", error=type(exc).__name__)
+        import shutil
+
         if self._own_metrics_dir is not None:
-            import shutil
             shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
+        if self._keys_dir is not None:
+            shutil.rmtree(self._keys_dir, ignore_errors=True)
+            os.environ.pop(LAST_GOOD_KEYS_ENV, None)
 
     @staticmethod
     def _close_sockets(sockets: Any) -> None:

@@ -853,3 +853,44 @@ async def test_failing_on_change_does_not_undo_the_keys(idp: FakeIdP) -> None:
         assert any("on_change failed: RuntimeError" in line for line in logs)
     finally:
         await km.close()
+
+
+# ---------------------------------------------------------------------------- last good keys
+
+
+async def test_worker_started_during_outage_starts_from_peers_last_good_keys(
+    idp: FakeIdP, tmp_path: Path
+) -> None:
+    """A reload or restart while the IdP is down must not leave the new worker without keys."""
+    cfg = issuer(jwks_uri=idp.url("/jwks"))
+    first = KeyManager((cfg,), RecordingVerifier((cfg,)), lambda name: None, [].append,
+                       policy=FAST, last_good_dir=str(tmp_path))
+    await first.start()
+    await first.close()
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".json"]
+    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in tmp_path.iterdir())
+
+    idp.serve("/jwks", b"down", status=503)
+    verifier = RecordingVerifier((cfg,))
+    logs: list[str] = []
+    second = KeyManager((cfg,), verifier, lambda name: None, logs.append, policy=FAST,
+                        last_good_dir=str(tmp_path))
+    await second.start()
+    try:
+        assert verifier.has_keys("corp")
+        status = second.status()["corp"]
+        assert status["loaded"] is True and status["kids"] == ["k1", "r1"]
+        assert "last good keys" in status["last_error"]
+        assert any("last good keys of a previous worker" in line for line in logs)
+    finally:
+        await second.close()
+
+    # Without the shared directory (or for another source) nothing is restored.
+    other = issuer(jwks_uri=idp.url("/jwks?other"))
+    third = KeyManager((other,), RecordingVerifier((other,)), lambda name: None, [].append, policy=FAST,
+                       last_good_dir=str(tmp_path))
+    await third.start()
+    try:
+        assert third.status()["corp"]["loaded"] is False
+    finally:
+        await third.close()

@@ -898,10 +898,6 @@ async def test_daemon_with_discovery_503_until_provider_up_then_200(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a reload (SIGHUP) while the provider is down replaces workers that hold good keys with "
-    "workers that have none: every token gets 503 although the daemon had the keys "
-    "(supervisor._reload counts a worker ready before its issuers are loaded)"))
 async def test_daemon_reload_while_provider_down_keeps_working_keys(
     provider: ProviderProcess, backend: Backend, tmp_path: Path
 ) -> None:
