@@ -1,0 +1,307 @@
+"""Sans-I/O token verification: token + ``now`` + key sets in, a verdict out.
+
+Theory of operation
+-------------------
+:meth:`TokenVerifier.verify` runs a fixed pipeline and the first failed step raises; nothing
+after a failure runs, and nothing returns a verdict without passing every step (fail closed):
+
+====  =====================================================  ==================================
+step  check                                                  rejection ``reason``
+====  =====================================================  ==================================
+1     size, segments, base64url, JSON, header (:mod:`jose`)  token_too_large, unsupported_jwe,
+                                                             malformed, bad_header
+2     ``iss`` is a string naming a configured issuer that    issuer_not_allowed
+      the caller allows (exact match)
+3     ``alg`` in the issuer's allowlist (``none`` never)     alg_not_allowed
+4     ``typ`` header, when the issuer configures ``typ``     bad_typ
+      (case-insensitive, ``application/`` optional,
+      RFC 7515 §4.1.9 / RFC 8725 §3.11)
+5     key selection: HS* -> the configured secret; else by   raises :class:`KeysNotLoaded` /
+      ``kid`` (unknown kid -> :class:`UnknownKid` so the      :class:`UnknownKid`;
+      shell can refetch once), without ``kid`` every key      no_matching_key
+      that fits ``alg``
+6     signature (any candidate key)                          bad_signature
+7     claims (below)                                         missing_claim, bad_claim, expired,
+                                                             not_yet_valid, issued_in_future,
+                                                             lifetime_exceeded,
+                                                             audience_not_allowed
+====  =====================================================  ==================================
+
+Claims (RFC 7519 §4.1, SPEC §4): numeric claims must be JSON numbers that fit an IEEE double
+(no bool, no NaN/Infinity, no 1e400, no 400-digit integers). ``exp`` is always required and
+``now < exp + leeway``; ``nbf`` and ``iat``, when present, are ``<= now + leeway``;
+``max_lifetime > 0`` requires ``iat`` and ``exp - iat <= max_lifetime``; ``aud`` (string, or
+array of strings) contains a configured audience; ``sub`` and ``jti``, when present (JSON
+``null`` counts as present), are non-empty strings; every ``required_claims`` member is present and not null/""/[]/{}.
+
+The issuer is chosen from the *unverified* ``iss`` only to pick keys; the signature is checked
+with that issuer's keys before any other claim is trusted, so a forged ``iss`` buys nothing.
+
+Only this module's :class:`TokenRejected` / :class:`UnknownKid` / :class:`KeysNotLoaded` ever
+leave ``verify``; descriptions are fixed strings naming the check, never token content.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from jwtproxy.jose import ParsedJWS, ParsedToken, TokenRejected, parse_compact
+from jwtproxy.keys import HMAC_ALGORITHMS, KeySet, SignatureVerifier, keyset_from_secret
+
+if TYPE_CHECKING:
+    from jwtproxy.config import IssuerConfig
+
+__all__ = [
+    "IssuerVerifier",
+    "KeysNotLoaded",
+    "TokenRejected",
+    "TokenVerifier",
+    "UnknownKid",
+    "Verified",
+    "check_signature",
+    "normalise_typ",
+]
+
+
+class UnknownKid(Exception):
+    """The token names a ``kid`` the issuer's key set lacks: the caller may refetch once and retry.
+
+    ``kid`` is token content: keep it out of logs and responses.
+    """
+
+    def __init__(self, issuer: str, kid: str) -> None:
+        super().__init__(f"unknown kid for issuer {issuer}")
+        self.issuer = issuer
+        self.kid = kid
+
+
+class KeysNotLoaded(Exception):
+    """The issuer's keys were never loaded (IdP unreachable since start): answer 503."""
+
+    def __init__(self, issuer: str) -> None:
+        super().__init__(f"keys of issuer {issuer} are not loaded")
+        self.issuer = issuer
+
+
+@dataclass(slots=True)
+class Verified:
+    """A verified token: its issuer, claims, and the claims the gateway uses on every request."""
+
+    issuer: IssuerConfig
+    claims: dict[str, Any]
+    exp: float
+    iat: float | None
+    sub: str | None
+    jti: str | None
+
+
+def normalise_typ(value: str) -> str:
+    """``typ`` comparison form: lower case, without the optional ``application/`` prefix."""
+    value = value.lower()
+    return value[12:] if value.startswith("application/") else value
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float if it is a JSON number that fits an IEEE double, else None."""
+    kind = type(value)  # exact type: bool is an int subclass and must not count as a number
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is int:
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    return None
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, list, dict)) and not value)
+
+
+def check_signature(
+    jws: ParsedJWS | ParsedToken,
+    keys: KeySet | None,
+    secret_keys: KeySet | None,
+    allowed_algs: Collection[str],
+    issuer_name: str,
+    refetchable: bool = True,
+) -> SignatureVerifier:
+    """Steps 3, 5 and 6 of the pipeline: the signature layer, on any payload.
+
+    ``keys`` are the issuer's JWKS keys (None: never loaded), ``secret_keys`` its HMAC keys.
+    ``refetchable`` False (no JWKS source) turns an unknown ``kid`` into ``no_matching_key``.
+    Returns the verifier that accepted the signature; raises :class:`TokenRejected`,
+    :class:`UnknownKid` or :class:`KeysNotLoaded`.
+    """
+    header = jws.header
+    alg = header["alg"]  # a non-empty str: jose checked it
+    if alg not in allowed_algs or alg.lower() == "none":
+        raise TokenRejected("alg_not_allowed", "algorithm not allowed")
+    candidates: list[SignatureVerifier] | None
+    if alg in HMAC_ALGORITHMS:
+        # The secret is not a JWK and has no kid: a token kid does not select among HMAC keys.
+        candidates = secret_keys.unkeyed(alg) if secret_keys is not None else []
+    else:
+        if keys is None:
+            raise KeysNotLoaded(issuer_name)
+        kid = header.get("kid")
+        if kid is None:
+            candidates = keys.unkeyed(alg)
+        else:
+            candidates = keys.for_kid(kid, alg)
+            if candidates is None:
+                if refetchable:
+                    raise UnknownKid(issuer_name, kid)
+                candidates = []
+    if not candidates:
+        raise TokenRejected("no_matching_key", "no key for this algorithm")
+    signing_input, signature = jws.signing_input, jws.signature
+    for candidate in candidates:
+        if candidate.verify(signing_input, signature):
+            return candidate
+    raise TokenRejected("bad_signature", "signature verification failed")
+
+
+class IssuerVerifier:
+    """Everything one issuer's checks need, computed once per (issuer config, key set)."""
+
+    __slots__ = (
+        "issuer", "name", "keys", "secret_keys", "algs", "typs", "audiences", "leeway",
+        "max_lifetime", "required", "fetches_keys",
+    )  # fmt: skip
+
+    def __init__(self, issuer: IssuerConfig, keyset: KeySet | None, log: Callable[[str], None] | None = None) -> None:
+        self.issuer = issuer
+        self.name: str = issuer.name
+        self.keys = keyset
+        self.secret_keys = keyset_from_secret(issuer, log)
+        self.algs = frozenset(a for a in issuer.algorithms if a.lower() != "none")
+        self.typs = frozenset(normalise_typ(t) for t in issuer.typ) if issuer.typ else None
+        self.audiences = frozenset(issuer.audiences)
+        self.leeway = float(issuer.leeway)
+        self.max_lifetime = float(issuer.max_lifetime)
+        self.required = tuple(issuer.required_claims)
+        # An issuer with no JWKS source (HMAC only) has an empty key set, not an unloaded one.
+        self.fetches_keys = bool(issuer.jwks_uri or issuer.discovery or issuer.jwks_file)
+        if self.keys is None and not self.fetches_keys:
+            self.keys = KeySet(())
+
+    def verify(self, token: ParsedToken, now: float) -> Verified:
+        """Steps 3-7 for a token whose ``iss`` is this issuer."""
+        if token.header["alg"] not in self.algs:
+            raise TokenRejected("alg_not_allowed", "algorithm not allowed")
+        typs = self.typs
+        if typs is not None:
+            typ = token.header.get("typ")
+            if typ is None or normalise_typ(typ) not in typs:
+                raise TokenRejected("bad_typ", "token type not allowed")
+        check_signature(token, self.keys, self.secret_keys, self.algs, self.name, self.fetches_keys)
+        return self.check_claims(token.payload, now)
+
+    def check_claims(self, claims: dict[str, Any], now: float) -> Verified:
+        """Step 7 on signature-verified claims."""
+        leeway = self.leeway
+        if "exp" not in claims:
+            raise TokenRejected("missing_claim", "required claim missing: exp")
+        exp = _number(claims["exp"])
+        if exp is None:
+            raise TokenRejected("bad_claim", "exp claim is not a number")
+        if not now < exp + leeway:
+            raise TokenRejected("expired", "token expired")
+        if "nbf" in claims:
+            nbf = _number(claims["nbf"])
+            if nbf is None:
+                raise TokenRejected("bad_claim", "nbf claim is not a number")
+            if nbf > now + leeway:
+                raise TokenRejected("not_yet_valid", "token not yet valid")
+        iat: float | None = None
+        if "iat" in claims:
+            iat = _number(claims["iat"])
+            if iat is None:
+                raise TokenRejected("bad_claim", "iat claim is not a number")
+            if iat > now + leeway:
+                raise TokenRejected("issued_in_future", "token issued in the future")
+        if self.max_lifetime > 0:
+            if iat is None:
+                raise TokenRejected("missing_claim", "required claim missing: iat")
+            if exp - iat > self.max_lifetime:
+                raise TokenRejected("lifetime_exceeded", "token lifetime exceeds the allowed maximum")
+        aud = claims.get("aud")
+        if aud is None:
+            raise TokenRejected("missing_claim", "required claim missing: aud")
+        if isinstance(aud, str):
+            if aud not in self.audiences:
+                raise TokenRejected("audience_not_allowed", "audience not allowed")
+        elif isinstance(aud, list):
+            if not all(isinstance(a, str) for a in aud):
+                raise TokenRejected("bad_claim", "aud claim is not a string or array of strings")
+            if self.audiences.isdisjoint(aud):
+                raise TokenRejected("audience_not_allowed", "audience not allowed")
+        else:
+            raise TokenRejected("bad_claim", "aud claim is not a string or array of strings")
+        # "Present" includes JSON null: {"sub": null} is a malformed subject, not a missing one.
+        sub = claims.get("sub")
+        if "sub" in claims and (not isinstance(sub, str) or not sub):
+            raise TokenRejected("bad_claim", "sub claim is not a non-empty string")
+        jti = claims.get("jti")
+        if "jti" in claims and (not isinstance(jti, str) or not jti):
+            raise TokenRejected("bad_claim", "jti claim is not a non-empty string")
+        for name in self.required:
+            if _empty(claims.get(name)):
+                # The claim name comes from the configuration, not from the token.
+                raise TokenRejected("missing_claim", f"required claim missing: {name}")
+        return Verified(self.issuer, claims, exp, iat, sub, jti)
+
+
+class TokenVerifier:
+    """All issuers of one worker. Key sets arrive through :meth:`set_keyset` (from the JWKS
+    shell); :meth:`verify` is synchronous, pure and reads no clock."""
+
+    def __init__(
+        self, issuers: Sequence[IssuerConfig], max_bytes: int, log: Callable[[str], None] | None = None
+    ) -> None:
+        self.max_bytes = max_bytes
+        self._log = log
+        self._by_name: dict[str, IssuerVerifier] = {}
+        self._by_iss: dict[str, IssuerVerifier] = {}
+        self._loaded: dict[str, KeySet] = {}
+        for cfg in issuers:
+            iv = IssuerVerifier(cfg, None, log)
+            if cfg.name in self._by_name or cfg.issuer in self._by_iss:
+                raise ValueError(f"issuer {cfg.name}: duplicate issuer name or iss value")
+            self._by_name[cfg.name] = iv
+            self._by_iss[cfg.issuer] = iv
+
+    def set_keyset(self, issuer_name: str, keyset: KeySet) -> bool:
+        """Install ``keyset`` for the named issuer; True if it differs from the installed one.
+
+        Raises KeyError for an issuer this verifier was not built with.
+        """
+        old = self._by_name[issuer_name]
+        previous = self._loaded.get(issuer_name)
+        self._loaded[issuer_name] = keyset
+        iv = IssuerVerifier(old.issuer, keyset, self._log)
+        self._by_name[issuer_name] = iv
+        self._by_iss[old.issuer.issuer] = iv
+        return previous is None or previous.fingerprint != keyset.fingerprint
+
+    def has_keys(self, issuer_name: str) -> bool:
+        """True once a key set was installed for the issuer (or it needs none: HMAC only)."""
+        iv = self._by_name.get(issuer_name)
+        return iv is not None and (issuer_name in self._loaded or not iv.fetches_keys)
+
+    def verify(self, token: str, now: float, allowed_issuers: Collection[str] | None = None) -> Verified:
+        """Verify ``token`` at time ``now`` (seconds since the epoch) against the issuers named
+        in ``allowed_issuers`` (None: every configured issuer).
+
+        Raises :class:`TokenRejected`, :class:`UnknownKid` or :class:`KeysNotLoaded`.
+        """
+        parsed = parse_compact(token, self.max_bytes)
+        iss = parsed.payload.get("iss")
+        iv = self._by_iss.get(iss) if isinstance(iss, str) else None
+        if iv is None or (allowed_issuers is not None and iv.name not in allowed_issuers):
+            raise TokenRejected("issuer_not_allowed", "issuer not allowed")
+        return iv.verify(parsed, now)
