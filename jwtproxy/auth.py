@@ -110,6 +110,7 @@ class CachedToken:
     scopes: frozenset[str]
     claims: Mapping[str, Any]
     identity: list[tuple[bytes, bytes]]
+    allow: Allow
 
 
 class RouteRules:
@@ -206,6 +207,7 @@ class AuthStage:
             scopes=token_scopes(claims),
             claims=claims,
             identity=identity,
+            allow=Allow(identity, verified.sub, verified.jti, verified.issuer.name),
         )
 
     def _route_checks(self, rules: RouteRules, entry: CachedToken, now: float) -> Allow | Deny:
@@ -230,7 +232,7 @@ class AuthStage:
                     error="insufficient_scope",
                     www_auth=www_authenticate("insufficient_scope", f"claim requirement not met: {name}"),
                 )
-        return Allow(entry.identity, entry.sub, entry.jti, entry.issuer)
+        return entry.allow
 
     def evict_issuer(self, issuer_name: str) -> None:
         self.cache.evict_issuer(issuer_name)

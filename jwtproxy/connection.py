@@ -130,7 +130,12 @@ class Exchange:
 
     # -- ResponseSink (called by the UpstreamConnection) ----------------------------------------
     def on_response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        content_length: bytes | None,
     ) -> None:
         self.response_started = True
         self.status = status
@@ -144,10 +149,6 @@ class Exchange:
                 response_head(b"1.1", status, reason, headers, self.request_id, b"", False, False, upgrade=True)
             )
             return
-        content_length = None
-        for name, value in headers:
-            if name == b"content-length":
-                content_length = value
         if status in (204, 304) or status < 200 or head.method == b"HEAD":
             self.body_mode = BODY_NONE
             framing = b""

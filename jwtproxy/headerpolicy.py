@@ -58,6 +58,8 @@ OWNED_REQUEST = frozenset(
     }
 )
 OWNED_RESPONSE = frozenset({b"content-length", b"x-request-id"})
+_RESPONSE_DROP = HOP_BY_HOP | OWNED_RESPONSE
+_NO_NAMES: frozenset[bytes] = frozenset()
 
 KEEP = 0
 DROP = 1
@@ -266,14 +268,14 @@ def response_head(
     upgrade: bool = False,
 ) -> bytes:
     """The response head for the client, from the upstream's status and headers."""
-    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
+    parts = [b"HTTP/1.1 ", b"%d " % status, reason, b"\r\n"]
     append = parts.append
-    connection_tokens: set[bytes] = set()
+    named: frozenset[bytes] | set[bytes] = _NO_NAMES
     for name, value in headers:
         if name == b"connection":
-            connection_tokens.update(t.strip() for t in value.lower().split(b","))
+            named = {t.strip() for t in value.lower().split(b",")} | set(named)
     for name, value in headers:
-        if name in HOP_BY_HOP or name in OWNED_RESPONSE or name in connection_tokens:
+        if name in _RESPONSE_DROP or name in named:
             continue
         append(name)
         append(b": ")

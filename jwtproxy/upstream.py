@@ -55,7 +55,12 @@ class ResponseSink(Protocol):
     """What an upstream connection reports to (implemented by the client side's exchange)."""
 
     def on_response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        content_length: bytes | None,
     ) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_end(self) -> None: ...
@@ -82,6 +87,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_parser",
         "_reason",
         "_headers",
+        "_content_length",
+        "_chunked",
         "_interim",
         "_is_head",
         "_got_bytes",
@@ -106,6 +113,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._content_length: bytes | None = None
+        self._chunked = False
         self._interim = False
         self._is_head = False
         self._got_bytes = False
@@ -193,7 +202,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"content-length":
+            self._content_length = value
+        elif name == b"transfer-encoding":
+            self._chunked = True
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -201,6 +215,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._interim = True
             self._reason = b""
             self._headers = []
+            self._content_length = None
+            self._chunked = False
             return
         self._cancel_timer()
         self._head_seen = True
@@ -210,12 +226,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = b""
         keep_alive = self._parser.should_keep_alive()
         self._keep_alive = keep_alive
-        framed = status in (204, 304) or self._is_head or status == 101
-        if not framed:
-            framed = any(n == b"content-length" or n == b"transfer-encoding" for n, _ in headers)
+        content_length = self._content_length
+        self._content_length = None
+        framed = content_length is not None or self._chunked or status in (204, 304, 101) or self._is_head
+        self._chunked = False
         self._close_delimited = not framed
         if self.sink is not None:
-            self.sink.on_response_head(status, reason, headers, keep_alive)
+            self.sink.on_response_head(status, reason, headers, keep_alive, content_length)
         if self._is_head:
             raise _HeadDone()
 
