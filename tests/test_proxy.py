@@ -436,3 +436,35 @@ async def test_https_upstream_verifies_certificate(make_gateway, backend, tmp_pa
         assert (status, body) == (200, b"tls-ok")
     finally:
         await runner.cleanup()
+
+
+async def test_idle_upstream_connections_expire_and_are_capped(make_gateway, backend):
+    gw = await open_gateway(make_gateway, upstream={"idle_timeout": 0.2, "max_idle": 2})
+    pool = gw.gateway.pools["backend"]
+    # Five concurrent requests need five upstream connections; only max_idle = 2 stay pooled.
+    replies = await asyncio.gather(
+        *(raw_exchange(gw.port, b"GET /slow/0.2 HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(5))
+    )
+    assert [parse_responses(r)[0][0] for r in replies] == [200] * 5
+    assert pool.idle_count() == 2
+    await asyncio.sleep(0.6)  # past idle_timeout: the sweep closes them
+    assert pool.idle_count() == 0
+    raw = await raw_exchange(gw.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert parse_responses(raw)[0][0] == 200
+
+
+async def test_upstream_resetting_mid_response_cuts_the_client_connection(make_gateway, backend):
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await writer.drain()
+        writer.transport.abort()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        gw = await open_gateway(make_gateway, backend_port=server.sockets[0].getsockname()[1])
+        raw = await raw_exchange(gw.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until_close=True)
+        # The head and the partial body were already out: the client sees a truncated response and
+        # a closed connection, never a second response spliced in.
+        assert raw.startswith(b"HTTP/1.1 200")
+        assert raw.endswith(b"partial")
