@@ -77,6 +77,7 @@ class _HeadDone(Exception):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_loop",
         "pool",
         "target_index",
         "transport",
@@ -103,6 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
     )
 
     def __init__(self, pool: UpstreamPool, target_index: int) -> None:
+        self._loop = asyncio.get_running_loop()
         self.pool = pool
         self.target_index = target_index
         self.transport: asyncio.Transport | None = None
@@ -264,7 +266,9 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None  # connection_made ran before the pool handed us out
         transport.write(head)
-        self._timer = asyncio.get_running_loop().call_later(response_timeout, self._on_timeout)
+        # The loop is looked up once per connection: asyncio.get_running_loop() costs a getpid()
+        # system call on Python 3.11.
+        self._timer = self._loop.call_later(response_timeout, self._on_timeout)
 
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
