@@ -112,6 +112,7 @@ class HttptoolsCodec:
         "_head_bytes",
         "_in_head",
         "_tunnel",
+        "_finished",
     )
 
     def __init__(self, handler: CodecHandler, max_header_bytes: int) -> None:
@@ -124,12 +125,15 @@ class HttptoolsCodec:
         self._head_bytes = 0
         self._in_head = False
         self._tunnel = False
+        self._finished = False
 
     # -- feeding -------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         if self._tunnel:
             self.handler.on_tunnel_data(data)
             return
+        if self._finished:
+            return  # the last request ended the connection; what follows is never parsed
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -150,6 +154,8 @@ class HttptoolsCodec:
                 raise inner from None
             raise
         except httptools.HttpParserError as exc:
+            if self._finished:
+                return  # llhttp's "Data after Connection: close": the bytes are ignored, as h11 does
             raise ProtocolError(f"malformed request: {exc}") from None
         if self._in_head:
             # llhttp keeps a partial header in its own buffer; bound what a client can make it hold.
@@ -175,7 +181,9 @@ class HttptoolsCodec:
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self.max_header_bytes:
             raise ProtocolError("request head too large", 431)
-        self._headers.append((name.lower(), value))
+        # Trailing whitespace is not part of a field value (RFC 9110 §5.5); llhttp keeps it, h11
+        # strips it, and both codecs must hand the same values on.
+        self._headers.append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -195,6 +203,8 @@ class HttptoolsCodec:
         self.handler.on_request_body(body)
 
     def on_message_complete(self) -> None:
+        if not self._parser.should_keep_alive():
+            self._finished = True
         self.handler.on_request_end()
 
 
@@ -220,6 +230,8 @@ class H11Codec:
         "_in_head",
         "_tunnel",
         "_chunked",
+        "_keep_alive",
+        "_finished",
     )
 
     def __init__(self, handler: CodecHandler, max_header_bytes: int) -> None:
@@ -231,12 +243,14 @@ class H11Codec:
         self._in_head = True
         self._tunnel = False
         self._chunked = False
+        self._keep_alive = True
+        self._finished = False
 
     def _new_connection(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes + 4)
 
     def feed(self, data: bytes) -> None:
-        while data:
+        while data and not self._finished:
             if self._tunnel:
                 self.handler.on_tunnel_data(data)
                 return
@@ -254,8 +268,13 @@ class H11Codec:
             buffer = buffer.lstrip(b"\r\n") if buffer[:1] in (b"\r", b"\n") else buffer
         end = buffer.find(b"\r\n\r\n")
         head = buffer if end < 0 else buffer[: end + 2]
-        if head.count(b"\n") != head.count(b"\r\n"):
+        crlf = head.count(b"\r\n")
+        if head.count(b"\n") != crlf:
             raise ProtocolError("malformed request: bare LF in request head")
+        # A CR not followed by LF is an error as soon as it is seen (llhttp does not wait for the
+        # blank line either); a CR that is the last byte received may still get its LF.
+        if head.count(b"\r") - (1 if end < 0 and head.endswith(b"\r") else 0) != crlf:
+            raise ProtocolError("malformed request: bare CR in request head")
         if _H11_BAD_HEAD_BYTES.search(head):
             raise ProtocolError("malformed request: invalid character or obs-fold in request head")
         if len(head) > self.max_header_bytes:
@@ -263,15 +282,23 @@ class H11Codec:
         if end < 0:
             self._head_buffer = buffer
             return None
-        if self._count_content_length(head) > 1:
-            raise ProtocolError("malformed request: duplicate Content-Length")
+        self._check_content_length(head)
         self._head_buffer = b""
         self._in_head = False
         return buffer
 
     @staticmethod
-    def _count_content_length(head: bytes) -> int:
-        return head.lower().count(b"\r\ncontent-length:")
+    def _check_content_length(head: bytes) -> None:
+        """What h11 folds away before we see it: repeated or list-valued Content-Length."""
+        lowered = head.lower()
+        count = lowered.count(b"\r\ncontent-length:")
+        if count > 1:
+            raise ProtocolError("malformed request: duplicate Content-Length")
+        if count == 1:
+            start = lowered.index(b"\r\ncontent-length:") + 17
+            value = head[start: head.index(b"\r\n", start)].strip(b" \t")
+            if not value.isdigit():
+                raise ProtocolError("malformed request: invalid Content-Length")
 
     def _pump(self, data: bytes) -> bytes:
         """Feed h11 and dispatch its events; return bytes that belong to the next request."""
@@ -281,27 +308,35 @@ class H11Codec:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    self._check_chunk_size(conn)
+                    if self._chunked:
+                        self._check_chunk_size(conn, 0)
                     return b""
                 if isinstance(event, h11.Data):
+                    if self._chunked:
+                        self._check_chunk_size(conn, len(event.data))
                     self.handler.on_request_body(bytes(event.data))
                 elif isinstance(event, h11.Request):
                     self.tunnel_after_message = False
                     headers = list(event.headers.raw_items())
                     headers = [(name.lower(), value) for name, value in headers]
                     self._chunked = any(n == b"transfer-encoding" for n, _ in headers)
+                    self._keep_alive = _h11_keep_alive(event)
                     self.handler.on_request_head(
                         RequestHead(
                             event.method,
                             event.target,
                             event.http_version,
                             headers,
-                            _h11_keep_alive(event),
+                            self._keep_alive,
                             _h11_upgrade(headers) or event.method == b"CONNECT",
                         )
                     )
                 elif isinstance(event, h11.EndOfMessage):
+                    keep_alive = self._keep_alive
                     self.handler.on_request_end()
+                    if not keep_alive and not self.tunnel_after_message:
+                        self._finished = True  # the connection ends here: ignore what follows
+                        return b""
                     # Whatever follows belongs to the next request (or to the tunnel). Take it now:
                     # h11 would refuse more data after an HTTP/1.0 request, which we keep alive.
                     rest = bytes(conn.trailing_data[0])
@@ -318,12 +353,14 @@ class H11Codec:
                 status = 400  # llhttp says 400 for what h11 calls 501 (e.g. Transfer-Encoding: gzip)
             raise ProtocolError(f"malformed request: {exc}", status) from None
 
-    def _check_chunk_size(self, conn: h11.Connection) -> None:
+    @staticmethod
+    def _check_chunk_size(conn: h11.Connection, just_read: int) -> None:
         # llhttp refuses a chunk size that overflows 64 bits; h11 accepts up to 20 hex digits.
-        if self._chunked:
-            remaining = getattr(getattr(conn, "_reader", None), "_bytes_in_chunk", 0)
-            if isinstance(remaining, int) and remaining >= 1 << 64:
-                raise ProtocolError("malformed request: chunk size overflow")
+        # h11 keeps the unread part of the current chunk in its reader; that plus what it just
+        # returned bounds the declared size from below.
+        remaining = getattr(getattr(conn, "_reader", None), "_bytes_in_chunk", 0)
+        if isinstance(remaining, int) and remaining + just_read >= 1 << 64:
+            raise ProtocolError("malformed request: chunk size overflow")
 
 
 def _h11_keep_alive(request: h11.Request) -> bool:

@@ -164,7 +164,7 @@ class Exchange:
             self.body_mode = BODY_RAW  # close-delimited for an HTTP/1.0 client
             framing = b""
             self.keep_alive = False
-        if self.tunnel or not self.request_done or conn.closing:
+        if self.tunnel or not self.request_done or (conn.closing and not conn.queue and conn.deferred_error is None):
             self.keep_alive = False
         self.out.append(
             response_head(b"1.1", status, reason, headers, self.request_id, framing, self.keep_alive, http10)
@@ -236,6 +236,7 @@ class ClientConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
         self.head_started = False  # bytes of a request head arrived since the last exchange
+        self.deferred_error: tuple[int, str] | None = None  # answered once the pipeline drains
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -286,7 +287,12 @@ class ClientConnection(asyncio.Protocol):
             self._protocol_error(500, "internal error")
 
     def eof_received(self) -> bool | None:
-        # Half-close from the client: finish what is in flight, then close (keep our side open).
+        # Half-close from the client. Requests received whole are still answered (our side stays
+        # open until then); a request cut off mid-head or mid-body can never complete, so the
+        # exchange it belongs to is abandoned now rather than at response_timeout.
+        if self.receiving is not None:
+            self._abandon_all()
+            return None
         if self.current is None and not self.queue:
             return None
         self.closing = True
@@ -609,12 +615,13 @@ class ClientConnection(asyncio.Protocol):
         self._record(ex)
         if self.current is ex:
             self.current = None
-        if not ex.keep_alive or self.closing:
+        if not ex.keep_alive:
             if not ex.request_done and self.receiving is ex:
                 self.receiving = None
             self.close()
             return
         if self.queue:
+            # Requests received whole before a shutdown or a protocol error are still answered.
             nxt = self.queue.popleft()
             self.current = nxt
             if not self.queue:
@@ -622,6 +629,11 @@ class ClientConnection(asyncio.Protocol):
             if nxt.request_done or nxt.expects_body:
                 # Scheduled, not called: a long pipeline of immediate answers must not recurse.
                 self.loop.call_soon(self._begin_queued, nxt)
+        elif self.closing:
+            if self.deferred_error is not None:
+                status, description = self.deferred_error
+                self.write(error_response(status, description, close=True))
+            self.close()
         else:
             self.head_started = False
             self._set_deadline(self.gw.config.server.keepalive_timeout, "idle")
@@ -656,20 +668,53 @@ class ClientConnection(asyncio.Protocol):
             )
 
     def _protocol_error(self, status: int, description: str) -> None:
-        """The client broke the protocol: answer if nothing is in flight, then close."""
-        ex = self.current
-        if ex is not None and ex.begun and not ex.completed and ex.response_started:
-            self.abort()
-            return
-        if ex is not None and ex.upstream is not None:
-            ex.upstream.abandon()
-            ex.upstream = None
-        if ex is not None and ex.task is not None:
-            ex.task.cancel()
+        """The client broke the protocol: stop reading, answer, close.
+
+        Requests that arrived whole before the broken bytes are answered first, in order, and the
+        error response comes last (a pipelined valid request is never lost to a later malformed
+        one). The exchange whose own bytes were broken is never forwarded, or is abandoned if its
+        body was already streaming.
+        """
         self.closing = True
+        self._pause("error")
         self.gw.metrics.request("-", status, 0.0)
-        self.write(error_response(status, description, close=True))
-        self.close()
+        broken = self.receiving
+        self.receiving = None
+        if broken is not None and broken is not self.current:
+            self.queue.remove(broken)
+            broken = None
+        current = self.current
+        if broken is not None and current is not None:
+            # The request in flight is itself malformed (its body broke off).
+            if current.task is not None:
+                current.task.cancel()
+            if current.upstream is not None:
+                current.upstream.abandon()
+                current.upstream = None
+            if current.response_started:
+                self.abort()
+                return
+            current.keep_alive = False
+            current.request_done = True
+            self._answer(current, status, description)
+            return
+        if current is None:
+            self.write(error_response(status, description, close=True))
+            self.close()
+            return
+        self.deferred_error = (status, description)
+
+    def _abandon_all(self) -> None:
+        """Drop every exchange of this connection (the client cannot complete its request)."""
+        for ex in (self.current, *self.queue):
+            if ex is None:
+                continue
+            if ex.task is not None:
+                ex.task.cancel()
+            if ex.upstream is not None:
+                ex.upstream.abandon()
+                ex.upstream = None
+        self.closing = True
 
     # -- transport helpers ------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:

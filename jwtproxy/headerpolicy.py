@@ -127,6 +127,8 @@ def scan_request_head(head: RequestHead) -> ScannedHead:
     ``Authorization``, a ``Content-Length`` that is not a single run of digits, several
     ``Content-Length``, any ``Transfer-Encoding`` other than a single ``chunked``, or both.
     """
+    if head.version != b"1.1" and head.version != b"1.0":
+        raise ProtocolError("malformed request: unsupported HTTP version")
     scanned = ScannedHead()
     hosts = 0
     authorizations = 0
@@ -143,6 +145,7 @@ def scan_request_head(head: RequestHead) -> ScannedHead:
             scanned.authorization = value
         elif name == b"content-length":
             content_lengths += 1
+            value = value.strip(b" \t")  # optional whitespace around a field value (RFC 9110 §5.5)
             if not value.isdigit() or len(value) > 18:
                 raise ProtocolError("malformed request: invalid Content-Length")
             scanned.content_length = int(value)
@@ -176,6 +179,9 @@ def scan_request_head(head: RequestHead) -> ScannedHead:
         raise ProtocolError("malformed request: duplicate Content-Length")
     if transfer_encodings > 1 or (transfer_encodings and content_lengths):
         raise ProtocolError("malformed request: conflicting message framing")
+    if transfer_encodings and head.version == b"1.0":
+        # HTTP/1.0 has no chunked coding: a sender using it is confused or smuggling (RFC 9112 §6.1).
+        raise ProtocolError("malformed request: Transfer-Encoding in an HTTP/1.0 request")
     return scanned
 
 
