@@ -691,6 +691,19 @@ def _check_http_url(text: str) -> str | None:
 # Sections. Each returns its dataclass, or None when it recorded a problem.
 
 
+def _tls_problem(cert: str, key: str) -> str | None:
+    """Load the pair as the listeners will, so a bad file fails the config, not every worker."""
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        return f"cannot load the certificate and key: {reason}"
+    return None
+
+
 def _parse_server(p: _Problems, t: _Table | None) -> ServerConfig | None:
     if t is None:
         return None
@@ -725,6 +738,10 @@ def _parse_server(p: _Problems, t: _Table | None) -> ServerConfig | None:
             t.fail("tls_key", "tls_cert is set, so tls_key is required too")
         else:
             t.fail("tls_cert", "tls_key is set, so tls_cert is required too")
+    elif tls_cert and tls_key:
+        problem = _tls_problem(tls_cert, tls_key)
+        if problem:
+            t.fail("tls_cert", problem)
     max_header_bytes = t.integer("max_header_bytes", d.max_header_bytes, minimum=1)
     max_body_bytes = t.integer("max_body_bytes", d.max_body_bytes)
     header_timeout = t.duration("header_timeout", d.header_timeout, positive=True)

@@ -48,9 +48,11 @@ def notify(message: str) -> bool:
     else:
         return False                        # vsock and other forms: unsupported, ignore
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
             sock.connect(address)
-            sock.sendall(message.encode("utf-8"))
+            # Non-blocking: this runs on the supervisor's event loop, and a receiver whose queue
+            # is full (net.unix.max_dgram_qlen) must cost a lost notification, never a hang.
+            sock.send(message.encode("utf-8"))
     except OSError:
         # The service manager going away must not take the daemon down with it.
         return False

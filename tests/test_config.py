@@ -200,9 +200,20 @@ redis_url = "env:REDIS_URL"
 """
 
 
+def _tls_pair(directory: pathlib.Path) -> tuple[str, str]:
+    import trustme
+
+    cert = trustme.CA().issue_cert("localhost")
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return str(cert_path), str(key_path)
+
+
 def test_full_config_parses_to_the_expected_objects(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "full.toml"
-    path.write_text(FULL)
+    cert, key = _tls_pair(tmp_path)
+    path.write_text(FULL.replace("/etc/jwtproxy/cert.pem", cert).replace("/etc/jwtproxy/key.pem", key))
     env = {"ADMIN_TOKEN": "admintoken", "HS_SECRET": SECRET, "REDIS_URL": "rediss://:pw@redis:6380/1"}
     cfg = load_config(str(path), env=env)
     expected = Config(
@@ -211,8 +222,8 @@ def test_full_config_parses_to_the_expected_objects(tmp_path: pathlib.Path) -> N
             listen=(ListenAddr("0.0.0.0", 8443), ListenAddr("::", 8443)),
             workers=4,
             http_parser="h11",
-            tls_cert="/etc/jwtproxy/cert.pem",
-            tls_key="/etc/jwtproxy/key.pem",
+            tls_cert=cert,
+            tls_key=key,
             max_header_bytes=8192,
             max_body_bytes=0,
             header_timeout=5.0,
@@ -1215,3 +1226,28 @@ def test_problems_use_the_path_as_given(tmp_path: pathlib.Path, monkeypatch: pyt
         "x.toml: server.workers: must be at least 1, got 0",
         "x.toml: route: at least one [[route]] is required",
     ]
+
+
+def test_tls_files_that_cannot_be_loaded_are_config_errors(tmp_path: pathlib.Path) -> None:
+    """Found by check-config, not by workers crash-looping on start."""
+    cert, key = _tls_pair(tmp_path)
+    (tmp_path / "other").mkdir()
+    other_cert, _ = _tls_pair(tmp_path / "other")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a pem")
+    cases = {
+        (str(tmp_path / "missing.pem"), key): "No such file or directory",
+        (str(garbage), key): "",
+        (other_cert, key): "",  # a certificate that does not belong to the key
+    }
+    for (cert_path, key_path), detail in cases.items():
+        data = {"server": {"tls_cert": cert_path, "tls_key": key_path}, "upstream": {"u": {"targets": ["http://127.0.0.1:1"]}},
+                "route": [{"path_prefix": "/", "upstream": "u", "auth": "off"}]}
+        with pytest.raises(ConfigError) as info:
+            parse_config(data, "t.toml")
+        (problem,) = info.value.problems
+        assert problem.startswith("t.toml: server.tls_cert: cannot load the certificate and key: "), problem
+        assert detail in problem
+    data = {"server": {"tls_cert": cert, "tls_key": key}, "upstream": {"u": {"targets": ["http://127.0.0.1:1"]}},
+            "route": [{"path_prefix": "/", "upstream": "u", "auth": "off"}]}
+    assert parse_config(data, "t.toml").server.tls_cert == cert
