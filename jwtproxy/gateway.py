@@ -225,6 +225,9 @@ async def serve_worker(config: Config, sockets: list[socket.socket], control: An
     # SIGHUP is the supervisor's; a worker ignores it (the supervisor replaces workers instead).
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
 
+    inherited = getattr(control, "inherited_revocations", None)
+    if inherited:
+        store.seed(inherited)
     await store.start()
     await gateway.start(sockets)
     await keys.start()

@@ -120,6 +120,25 @@ class RevocationStore:
             "sub": [{"sub": k, "before": subs[k]} for k in sorted(subs)],
         }
 
+    def seed(self, listing: dict[str, Any]) -> None:
+        """Start from a snapshot in :meth:`list`'s shape (the supervisor's mirror, at fork).
+
+        Only widens the mirror (the larger ``exp`` / ``before`` wins); malformed entries are
+        skipped. A backend's first full load replaces the mirror with the stored truth.
+        """
+        for entry in listing.get("jti", ()):
+            try:
+                jti, exp = check_id("jti", entry["jti"]), check_time("exp", entry["exp"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            self._jti[jti] = max(exp, self._jti.get(jti, exp))
+        for entry in listing.get("sub", ()):
+            try:
+                sub, before = check_id("sub", entry["sub"]), check_time("before", entry["before"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            self._sub[sub] = max(before, self._sub.get(sub, before))
+
     def status(self) -> dict[str, Any]:  # pragma: no cover - overridden
         """Backend health for /readyz detail and the backend-up metric (key ``up``)."""
         raise NotImplementedError

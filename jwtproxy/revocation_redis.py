@@ -40,8 +40,10 @@ session is tried after an exponential backoff (``backoff_min`` .. ``backoff_max`
 redis-py connection retry is disabled on the pub/sub client so that no reconnect can happen behind
 our back (it would skip step 2-3 and miss what was published meanwhile).
 
-Known limit: a worker that starts while Redis is unreachable has an empty mirror until Redis comes
-back (``status()["up"]`` is False, ``synced`` is False).
+A worker that starts while Redis is unreachable (a replaced worker, a reload) begins from the
+supervisor's mirror, handed over at fork (``RevocationStore.seed``); the first successful sync
+replaces it with Redis's. Reconnect attempts are at most ``backoff_max`` (0.5 s) apart, so a
+revocation made right after an outage still reaches every worker within a second.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
+from redis.asyncio.retry import Retry
 
 from .revocation import (
     EXPIRY_GRACE,
@@ -132,7 +134,7 @@ class RedisRevocationStore(RevocationStore):
         prefix: str = DEFAULT_PREFIX,
         resync_interval: float = 30.0,
         backoff_min: float = 0.1,
-        backoff_max: float = 5.0,
+        backoff_max: float = 0.5,
         command_timeout: float = 2.0,
         start_timeout: float = 3.0,
         grace: float = EXPIRY_GRACE,

@@ -91,6 +91,7 @@ class WorkerControl:
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat: asyncio.TimerHandle | None = None
         self.is_ready = False
+        self.inherited_revocations: dict[str, Any] | None = None
 
     def ready(self) -> None:
         """Tell the supervisor this worker accepts connections. Call from inside the worker's
@@ -423,6 +424,10 @@ class Supervisor:
             systemd.unset_environment()
             control = WorkerControl(worker_id, link, generation=generation,
                                     heartbeat_interval=self.heartbeat_interval)
+            if self._store is not None:
+                # The supervisor's revocation mirror, so a worker started while the backend is
+                # unreachable (a respawn, a reload) still enforces every known revocation.
+                control.inherited_revocations = self._store.list()
             target = self._target or _default_target()
             import uvloop
             uvloop.run(target(config, list(sockets), control))

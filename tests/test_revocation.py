@@ -583,3 +583,17 @@ async def test_redis_status_never_shows_password(redis_server: RedisServer) -> N
     assert redact_url("redis://user:s3cret@db.example:6380/2") == "redis://db.example:6380/2"
     s = RedisRevocationStore(f"redis://:s3cret@127.0.0.1:{redis_server.port}/0", Logs())
     assert "s3cret" not in json.dumps(s.status())
+
+
+def test_seed_widens_the_mirror_and_skips_malformed_entries() -> None:
+    """What a worker inherits from the supervisor at fork (used while the backend is away)."""
+    from jwtproxy.revocation_sqlite import SqliteRevocationStore
+
+    store = SqliteRevocationStore(":memory:", lambda *a: None)
+    store.seed({"jti": [{"jti": "a", "exp": 100.0}, {"jti": "", "exp": 1.0}, {"exp": 5}],
+                "sub": [{"sub": "alice", "before": 50.0}, {"sub": "bob", "before": "soon"}]})
+    store.seed({"jti": [{"jti": "a", "exp": 10.0}], "sub": [{"sub": "alice", "before": 70.0}]})
+    assert store.list() == {"jti": [{"jti": "a", "exp": 100.0}], "sub": [{"sub": "alice", "before": 70.0}]}
+    assert store.is_revoked("a", None, None, 0.0)
+    assert store.is_revoked(None, "alice", 60.0, 0.0)
+    assert not store.is_revoked(None, "bob", None, 0.0)
