@@ -120,6 +120,10 @@ class RevocationStore:
             "sub": [{"sub": k, "before": subs[k]} for k in sorted(subs)],
         }
 
+    def snapshot(self) -> dict[str, Any]:
+        """What :meth:`seed` takes: the mirror (a backend may add what it needs to resume)."""
+        return self.list()
+
     def seed(self, listing: dict[str, Any]) -> None:
         """Start from a snapshot in :meth:`list`'s shape (the supervisor's mirror, at fork).
 

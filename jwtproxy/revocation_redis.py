@@ -237,6 +237,17 @@ class RedisRevocationStore(RevocationStore):
 
     # -- writes ---------------------------------------------------------------------------------
 
+    def snapshot(self) -> dict[str, Any]:
+        # The epoch travels with the mirror: a seeded worker whose first sync finds Redis emptied
+        # (a new epoch) then writes the seed back instead of replacing it with nothing.
+        return {**self.list(), "epoch": self._epoch}
+
+    def seed(self, listing: dict[str, Any]) -> None:
+        super().seed(listing)
+        epoch = listing.get("epoch")
+        if self._epoch is None and isinstance(epoch, str):
+            self._epoch = epoch
+
     async def revoke_jti(self, jti: str, exp: float) -> None:
         """Store ``jti`` until ``exp + grace`` and publish it; raises RevocationBackendError."""
         check_id("jti", jti)

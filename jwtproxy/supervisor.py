@@ -427,7 +427,7 @@ class Supervisor:
             if self._store is not None:
                 # The supervisor's revocation mirror, so a worker started while the backend is
                 # unreachable (a respawn, a reload) still enforces every known revocation.
-                control.inherited_revocations = self._store.list()
+                control.inherited_revocations = self._store.snapshot()
             target = self._target or _default_target()
             import uvloop
             uvloop.run(target(config, list(sockets), control))
