@@ -194,7 +194,10 @@ async def serve_worker(config: Config, sockets: list[socket.socket], control: An
 
     loop = asyncio.get_running_loop()
     metrics = WorkerMetrics()
-    store = open_store(config.revocation, log.info)
+    def store_log(message: str, *args: Any) -> None:
+        log_event("revocation", message=message % args if args else message, pid=os.getpid())
+
+    store = open_store(config.revocation, store_log)
     gateway_ref: list[Gateway] = []
 
     def on_keys_changed(issuer: str) -> None:
