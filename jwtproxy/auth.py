@@ -34,7 +34,7 @@ from jwtproxy.responses import www_authenticate
 from jwtproxy.tokencache import TokenCache
 from jwtproxy.verifier import KeysNotLoaded, TokenVerifier, UnknownKid, Verified
 
-__all__ = ["Allow", "AuthStage", "CachedToken", "Deny", "Pending", "RouteRules", "extract_token"]
+__all__ = ["Allow", "AmbiguousToken", "AuthStage", "CachedToken", "Deny", "Pending", "RouteRules", "extract_token"]
 
 
 class Allow:
@@ -242,6 +242,14 @@ class MalformedAuthorization(Exception):
     """``Authorization: Bearer`` without a credential."""
 
 
+class AmbiguousToken(Exception):
+    """The token's carrier appears more than once (two headers, cookies or parameters).
+
+    Which one a backend would read is anyone's guess, so the gateway refuses to pick (400), as
+    SPEC §4 does for two ``Authorization`` headers (parameter pollution, OWASP WSTG-INPV-04).
+    """
+
+
 def bearer_credential(value: bytes) -> str | None:
     """The token of ``Bearer <token>`` (scheme case-insensitive, one or more spaces), else None.
 
@@ -260,23 +268,35 @@ def bearer_credential(value: bytes) -> str | None:
     return token.rstrip(b" ").decode("latin-1")
 
 
+def _only(found: list[str]) -> str | None:
+    if len(found) > 1:
+        raise AmbiguousToken()
+    return found[0] if found else None
+
+
 def _query_param(query: str, name: str) -> str | None:
+    found = []
     for pair in query.lstrip("?").split("&"):
         key, sep, value = pair.partition("=")
         if sep and unquote_plus(key) == name:
-            return unquote_plus(value)
-    return None
+            found.append(unquote_plus(value))
+    return _only(found)
 
 
 def _cookie(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    found = []
     for header, value in headers:
         if header != b"cookie":
             continue
         for part in value.split(b";"):
             key, sep, cookie = part.strip().partition(b"=")
             if sep and key == name:
-                return cookie.strip(b'"').decode("latin-1")
-    return None
+                found.append(cookie.strip(b'"').decode("latin-1"))
+    return _only(found)
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    return _only([value.strip().decode("latin-1") for header, value in headers if header == name])
 
 
 def extract_token(
@@ -287,7 +307,8 @@ def extract_token(
 ) -> tuple[str | None, TokenSource | None]:
     """The token from the first configured source that is present, and that source.
 
-    Raises :class:`MalformedAuthorization` for ``Authorization: Bearer`` with nothing usable.
+    Raises :class:`MalformedAuthorization` for ``Authorization: Bearer`` with nothing usable and
+    :class:`AmbiguousToken` when the source that is present carries more than one value.
     """
     for source in sources:
         if source.kind == "header":
@@ -297,10 +318,9 @@ def extract_token(
                     if token is not None:
                         return token, source
                 continue
-            wanted = source.name.encode("latin-1")
-            for name, value in headers:
-                if name == wanted:
-                    return value.strip().decode("latin-1"), source
+            token = _header(headers, source.name.encode("latin-1"))
+            if token is not None:
+                return token, source
         elif source.kind == "query":
             if query:
                 token = _query_param(query, source.name)

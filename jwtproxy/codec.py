@@ -211,6 +211,7 @@ class HttptoolsCodec:
 # What llhttp refuses in a head and h11 lets through: control characters other than HTAB,
 # CR and LF, and a line starting with whitespace (obs-fold, RFC 9112 §5.2).
 _H11_BAD_HEAD_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r\n[ \t]")
+_H11_HEADER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:")
 
 
 class H11Codec:
@@ -277,6 +278,12 @@ class H11Codec:
             raise ProtocolError("malformed request: bare CR in request head")
         if _H11_BAD_HEAD_BYTES.search(head):
             raise ProtocolError("malformed request: invalid character or obs-fold in request head")
+        lines = head.split(b"\r\n")
+        # Every complete header line must start with "name:" -- llhttp says so on the line's CRLF,
+        # h11 only once the blank line arrives.
+        for line in lines[1:-1]:
+            if line and not _H11_HEADER_LINE.match(line):
+                raise ProtocolError("malformed request: invalid header line")
         if len(head) > self.max_header_bytes:
             raise ProtocolError("request head too large", 431)
         if end < 0:
@@ -285,6 +292,13 @@ class H11Codec:
         self._check_content_length(head)
         self._head_buffer = b""
         self._in_head = False
+        request_line = lines[0]
+        if b"  " in request_line:
+            # llhttp reads the request line on whitespace-delimited words, as RFC 9112 §3 allows a
+            # recipient to; h11 wants single spaces. Hand h11 the same three words.
+            words = [w for w in request_line.split(b" ") if w]
+            if len(words) == 3:
+                buffer = b" ".join(words) + buffer[len(request_line):]
         return buffer
 
     @staticmethod

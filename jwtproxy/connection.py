@@ -34,7 +34,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from jwtproxy.auth import Allow, Deny, MalformedAuthorization, Pending, extract_token, invalid_token
+from jwtproxy.auth import Allow, AmbiguousToken, Deny, MalformedAuthorization, Pending, extract_token, invalid_token
 from jwtproxy.codec import ProtocolError, RequestHead, make_codec
 from jwtproxy.headerpolicy import ScannedHead, response_head, scan_request_head
 from jwtproxy.responses import error_response
@@ -148,7 +148,16 @@ class Exchange:
             self.out.append(
                 response_head(b"1.1", status, reason, headers, self.request_id, b"", False, False, upgrade=True)
             )
+            # Bytes the client sent after its upgrade request belong to the new protocol, so they
+            # go upstream only now that the upstream has switched. Had it declined, they would be
+            # parsed there as further HTTP requests that never passed the gateway (smuggling).
+            if self.tunnel_buffer and self.upstream is not None:
+                for data in self.tunnel_buffer:
+                    self.upstream.tunnel_write(data)
+            self.tunnel_buffer.clear()
+            conn._resume("tunnel")
             return
+        self.tunnel_buffer.clear()  # upgrade declined: what followed the request is dropped
         if status in (204, 304) or status < 200 or head.method == b"HEAD":
             self.body_mode = BODY_NONE
             framing = b""
@@ -375,8 +384,12 @@ class ClientConnection(asyncio.Protocol):
             return
         if ex.tunnel_open and ex.upstream is not None:
             ex.upstream.tunnel_write(data)
-        else:
+        elif not ex.response_started:
+            # Held until the upstream switches protocols (see Exchange.on_response_head).
             ex.tunnel_buffer.append(data)
+            ex.body_buffered += len(data)
+            if ex.body_buffered > BUFFER_LIMIT:
+                self._pause("tunnel")
 
     # -- deciding ------------------------------------------------------------------------------------
     def _begin(self, ex: Exchange) -> None:
@@ -410,6 +423,11 @@ class ClientConnection(asyncio.Protocol):
             token, source = extract_token(gw.token_sources, ex.head.headers, scanned.authorization, query)
         except MalformedAuthorization:
             self._deny(ex, invalid_token("malformed_header", "malformed bearer authorization header"))
+            return
+        except AmbiguousToken:
+            ex.deny_reason = "ambiguous_token"
+            self.gw.metrics.auth_failure("ambiguous_token")
+            self._answer(ex, 400, "more than one token in the request")
             return
         decision = gw.auth.authorize(runtime.rules, token, time.time())
         if type(decision) is Allow:
@@ -541,10 +559,6 @@ class ClientConnection(asyncio.Protocol):
             if scanned.chunked:
                 conn.send(b"0\r\n\r\n")
             conn.request_sent()
-        if ex.tunnel_buffer:
-            for data in ex.tunnel_buffer:
-                conn.tunnel_write(data)
-            ex.tunnel_buffer.clear()
 
     def upstream_failed(self, ex: Exchange, error: UpstreamError, retryable: bool) -> None:
         if self.closed or ex.completed:
