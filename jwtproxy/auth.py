@@ -24,6 +24,7 @@ import asyncio
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -84,7 +85,9 @@ class Pending:
         self.wait = wait
 
 
+@lru_cache(maxsize=256)
 def invalid_token(reason: str, description: str) -> Deny:
+    """The 401 for a rejected token; one shared object per (reason, description)."""
     return Deny(
         401,
         description,

@@ -8,6 +8,7 @@ JSON encoding.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 
 REASONS = {
     400: b"Bad Request",
@@ -69,6 +70,24 @@ def error_response(
     head_only: bool = False,
 ) -> bytes:
     """A complete HTTP/1.1 response with a JSON body ``{"error", "error_description"}``."""
+    before, after = _error_parts(status, description, error, www_auth, retry_after, close, head_only)
+    if request_id:
+        return b"".join((before, b"x-request-id: ", request_id, b"\r\n", after))
+    return before + after
+
+
+@lru_cache(maxsize=1024)
+def _error_parts(
+    status: int,
+    description: str,
+    error: str | None,
+    www_auth: bytes | None,
+    retry_after: int | None,
+    close: bool,
+    head_only: bool,
+) -> tuple[bytes, bytes]:
+    """The response around its request id, rendered once: attack traffic is rejected often,
+    and the vocabulary of descriptions is fixed (SPEC: never client content)."""
     body = json.dumps(
         {"error": error or ERROR_CODES.get(status, "error"), "error_description": description},
         separators=(",", ":"),
@@ -86,11 +105,5 @@ def error_response(
         parts += (b"www-authenticate: ", www_auth, b"\r\n")
     if retry_after is not None:
         parts += (b"retry-after: ", str(retry_after).encode(), b"\r\n")
-    if request_id:
-        parts += (b"x-request-id: ", request_id, b"\r\n")
-    if close:
-        parts.append(b"connection: close\r\n")
-    parts.append(b"\r\n")
-    if not head_only:
-        parts.append(body)
-    return b"".join(parts)
+    tail = [b"connection: close\r\n" if close else b"", b"\r\n", b"" if head_only else body]
+    return b"".join(parts), b"".join(tail)
