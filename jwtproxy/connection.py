@@ -266,16 +266,10 @@ class ClientConnection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         for ex in (self.current, *self.queue):
-            if ex is None:
-                continue
-            if ex.task is not None:
-                ex.task.cancel()
-            if ex.upstream is not None:
-                ex.upstream.abandon()
-                ex.upstream = None
-            if not ex.completed and ex.begun:
-                ex.status = ex.status or 499
+            if ex is not None and not ex.completed and ex.begun:
+                ex.status = ex.status or 499  # nginx's "client closed request"
                 self._record(ex)
+        self._abandon_all()
         self.current = None
         self.queue.clear()
         self.gw.connection_closed()

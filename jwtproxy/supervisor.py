@@ -424,10 +424,11 @@ class Supervisor:
             systemd.unset_environment()
             control = WorkerControl(worker_id, link, generation=generation,
                                     heartbeat_interval=self.heartbeat_interval)
-            if self._store is not None:
+            snapshot = getattr(self._store, "snapshot", None)  # an injected store may lack it
+            if snapshot is not None:
                 # The supervisor's revocation mirror, so a worker started while the backend is
                 # unreachable (a respawn, a reload) still enforces every known revocation.
-                control.inherited_revocations = self._store.snapshot()
+                control.inherited_revocations = snapshot()
             target = self._target or _default_target()
             import uvloop
             uvloop.run(target(config, list(sockets), control))
