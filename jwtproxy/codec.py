@@ -256,9 +256,10 @@ class H11Codec:
                 self.handler.on_tunnel_data(data)
                 return
             if self._in_head:
-                data = self._buffer_head(data)
-                if data is None:
+                complete = self._buffer_head(data)
+                if complete is None:
                     return
+                data = complete
             data = self._pump(data)
 
     def _buffer_head(self, data: bytes) -> bytes | None:
