@@ -200,6 +200,11 @@ def _check_header(header: dict[str, Any]) -> None:
         raise TokenRejected("bad_header", "typ header is not a string")
 
 
+# Header segments already parsed and checked, to the (never mutated) header object.
+_HEADERS: dict[bytes, dict[str, Any]] = {}
+_HEADERS_MAX = 256
+
+
 def parse_jws(token: str, max_bytes: int) -> ParsedJWS:
     """Parse a compact JWS with every strictness rule of the module docstring except that the
     payload may be arbitrary bytes. Raises :class:`TokenRejected`."""
@@ -217,13 +222,22 @@ def parse_jws(token: str, max_bytes: int) -> ParsedJWS:
     h64, p64, s64 = raw.split(b".")
     if not h64 or not s64:
         raise _malformed("token header or signature segment is empty")
-    header_bytes = _decode(h64)
+    header = _HEADERS.get(h64)
     payload = _decode(p64)
     signature = _decode(s64)
-    if header_bytes is None or payload is None or signature is None:
+    if header is None:
+        header_bytes = _decode(h64)
+        if header_bytes is None or payload is None or signature is None:
+            raise _malformed("token segment is not canonical base64url")
+        header = _json_object(header_bytes, "header")
+        _check_header(header)
+        # An issuer signs every token with one of a few headers: remember the accepted ones
+        # (bounded: a flood of distinct headers only empties the memo).
+        if len(_HEADERS) >= _HEADERS_MAX:
+            _HEADERS.clear()
+        _HEADERS[h64] = header
+    elif payload is None or signature is None:
         raise _malformed("token segment is not canonical base64url")
-    header = _json_object(header_bytes, "header")
-    _check_header(header)
     signing_input = raw[: len(h64) + 1 + len(p64)]
     return ParsedJWS(header, payload, signing_input, signature, token)
 

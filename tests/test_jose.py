@@ -275,3 +275,27 @@ def test_b64url_round_trip_and_canonical(data: bytes) -> None:
     enc = b64(data)
     assert b64url_decode(enc) == data
     assert b64url_decode(enc + "=") is None
+
+
+def test_header_memo_is_bounded_and_never_admits_a_rejected_header() -> None:
+    """parse_jws remembers accepted header segments only; what it rejects is rejected every time."""
+    from jwtproxy import jose
+
+    def seg(obj: object) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    payload, signature = seg({"sub": "x"}), seg({"s": 1})
+    crit = f"{seg({'alg': 'RS256', 'crit': ['exp']})}.{payload}.{signature}"
+    for _ in range(2):
+        with pytest.raises(jose.TokenRejected):
+            jose.parse_jws(crit, 8192)
+    ok_header = seg({"alg": "RS256", "kid": "k"})
+    assert jose.parse_jws(f"{ok_header}.{payload}.{signature}", 8192).header == {"alg": "RS256", "kid": "k"}
+    # A remembered header does not excuse a bad payload or signature segment.
+    with pytest.raises(jose.TokenRejected):
+        jose.parse_jws(f"{ok_header}.{payload}=.{signature}", 8192)
+    with pytest.raises(jose.TokenRejected):
+        jose.parse_jws(f"{ok_header}.{payload}.{signature}!", 8192)
+    for i in range(jose._HEADERS_MAX + 50):
+        jose.parse_jws(f"{seg({'alg': 'RS256', 'kid': str(i)})}.{payload}.{signature}", 8192)
+    assert len(jose._HEADERS) <= jose._HEADERS_MAX
