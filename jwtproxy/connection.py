@@ -34,11 +34,11 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from jwtproxy.auth import Allow, AmbiguousToken, Deny, MalformedAuthorization, Pending, extract_token, invalid_token
+from jwtproxy.auth import ANONYMOUS, Allow, AmbiguousToken, Deny, MalformedAuthorization, Pending, extract_token, invalid_token
 from jwtproxy.codec import ProtocolError, RequestHead, make_codec
 from jwtproxy.headerpolicy import ScannedHead, response_head, scan_request_head
 from jwtproxy.responses import error_response
-from jwtproxy.routing import BadRequest, normalise_target, split_host
+from jwtproxy.routing import BadRequest, normalise_target, split_host, strip_prefix
 from jwtproxy.upstream import UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
@@ -411,7 +411,7 @@ class ClientConnection(asyncio.Protocol):
         runtime = gw.routes[id(route)]
         ex.route = runtime
         if runtime.auth_off or (runtime.cors_forward and self._is_preflight(ex.head)):
-            self._forward(ex, gw.anonymous)
+            self._forward(ex, ANONYMOUS)
             return
         try:
             token, source = extract_token(gw.token_sources, ex.head.headers, scanned.authorization, query)
@@ -506,7 +506,7 @@ class ClientConnection(asyncio.Protocol):
         gw = self.gw
         scanned = ex.scanned
         head = ex.head
-        path = runtime.strip(ex.path) if runtime.strip_prefix else ex.path
+        path = strip_prefix(runtime.route, ex.path) if runtime.strip_prefix else ex.path
         target = (path + ex.query).encode("latin-1")
         client_host = (ex.authority.encode("latin-1") if ex.authority is not None else scanned.host) or b""
         if runtime.preserve_host and client_host:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jwtproxy.accesslog import AccessLog, log_event
-from jwtproxy.auth import Allow, AuthStage, RouteRules
+from jwtproxy.auth import AuthStage, RouteRules
 from jwtproxy.config import Config, RouteConfig
 from jwtproxy.connection import ClientConnection
 from jwtproxy.headerpolicy import HeaderPolicy
@@ -49,7 +49,6 @@ class RouteRuntime:
         "preserve_host",
         "response_timeout",
         "drop_names",
-        "prefix_length",
     )
 
     def __init__(self, route: RouteConfig, pool: UpstreamPool, drop_names: frozenset[bytes]) -> None:
@@ -65,11 +64,6 @@ class RouteRuntime:
         self.preserve_host = pool.config.preserve_host
         self.response_timeout = pool.config.response_timeout
         self.drop_names = drop_names
-        self.prefix_length = len(route.path_prefix.rstrip("/"))
-
-    def strip(self, path: str) -> str:
-        rest = path[self.prefix_length:]
-        return rest if rest.startswith("/") else "/" + rest
 
 
 def _host_header(host: str, port: int, scheme: str) -> bytes:
@@ -106,7 +100,7 @@ class Gateway:
         self.router = Router(config.routes)
         self.policy = HeaderPolicy(name for name, _ in config.claims_to_headers)
         self.pools = {
-            name: UpstreamPool(upstream, on_error=None) for name, upstream in config.upstreams.items()
+            name: UpstreamPool(upstream) for name, upstream in config.upstreams.items()
         }
         self.routes: dict[int, RouteRuntime] = {}
         for route in config.routes:
@@ -125,7 +119,6 @@ class Gateway:
             refetch_unknown_kid or _no_refetch,
             on_cache=self.metrics.token_cache,
         )
-        self.anonymous = Allow([])
         self.connections: set[ClientConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self._request_prefix = os.urandom(6).hex().encode() + b"-"

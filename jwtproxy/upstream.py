@@ -31,7 +31,6 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Protocol
 
 import httptools
@@ -349,7 +348,6 @@ class UpstreamPool:
     def __init__(
         self,
         config: UpstreamConfig,
-        on_error: Callable[[str, str], None] | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
@@ -357,7 +355,6 @@ class UpstreamPool:
         self.targets: tuple[Target, ...] = config.targets
         self._idle: list[deque[UpstreamConnection]] = [deque() for _ in self.targets]
         self._next = 0
-        self._on_error = on_error
         # One context per pool: building one loads the system CA store (milliseconds).
         if ssl_context is None and any(t.scheme == "https" for t in config.targets):
             ssl_context = ssl.create_default_context()
@@ -412,8 +409,6 @@ class UpstreamPool:
             else:
                 conn.reused = False
                 return conn
-            if self._on_error is not None:
-                self._on_error(self.name, last_error.kind)
         raise last_error
 
     def release(self, conn: UpstreamConnection) -> None:

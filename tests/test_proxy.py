@@ -468,3 +468,17 @@ async def test_upstream_resetting_mid_response_cuts_the_client_connection(make_g
         # a closed connection, never a second response spliced in.
         assert raw.startswith(b"HTTP/1.1 200")
         assert raw.endswith(b"partial")
+
+
+async def test_strip_prefix_forwards_the_rest_of_the_normalised_path(make_gateway, backend):
+    gw = await open_gateway(
+        make_gateway,
+        routes=[
+            {"path_prefix": "/svc", "upstream": "backend", "auth": "off", "strip_prefix": True},
+            {"path_prefix": "/", "upstream": "backend", "auth": "off"},
+        ],
+    )
+    for target, forwarded in ((b"/svc/a/../b?q=1", "/b?q=1"), (b"/svc", "/"), (b"/svc/", "/"), (b"/svcx", "/svcx")):
+        raw = await raw_exchange(gw.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert parse_responses(raw)[0][0] == 200
+        assert backend.seen[-1]["path"] == forwarded, target
