@@ -16,7 +16,7 @@ Two implementations exist, selected by ``server.http_parser``:
   obs-fold, accepts bare LF, merges identical ``Content-Length`` headers, tolerates control
   characters in values), so the adapter buffers each request head and checks it against llhttp's
   rules before h11 sees it. Both codecs must reject the same requests with the same status; the
-  differential tests in ``tests/test_codec.py`` and ``tests/adversarial/`` hold them to it.
+  differential tests in ``tests/adversarial/test_adv_http.py`` hold them to it.
 
 Framing rules that do not depend on the parser (exactly one ``Host``, ``Transfer-Encoding`` only
 ``chunked``, ``Content-Length`` digits only) are checked once, after the head, in
@@ -43,7 +43,9 @@ __all__ = [
     "HttptoolsCodec",
     "ProtocolError",
     "RequestHead",
+    "header_tokens",
     "make_codec",
+    "unwrap_callback_error",
 ]
 
 
@@ -93,10 +95,15 @@ class Codec(Protocol):
         ...
 
 
-def _unwrap_callback_error(exc: BaseException) -> BaseException:
+def unwrap_callback_error(exc: BaseException) -> BaseException:
     """httptools re-raises a callback's exception as HttpParserCallbackError; find the original."""
     inner = exc.__cause__ or exc.__context__
     return inner if inner is not None else exc
+
+
+def header_tokens(value: bytes) -> set[bytes]:
+    """The tokens of a comma-separated header value such as ``Connection``, lower-cased and trimmed."""
+    return {token.strip() for token in value.lower().split(b",")}
 
 
 class HttptoolsCodec:
@@ -149,7 +156,7 @@ class HttptoolsCodec:
                     self.feed(rest)
             return
         except httptools.HttpParserCallbackError as exc:
-            inner = _unwrap_callback_error(exc)
+            inner = unwrap_callback_error(exc)
             if isinstance(inner, ProtocolError):
                 raise inner from None
             raise
@@ -379,8 +386,7 @@ class H11Codec:
 
 
 def _h11_keep_alive(request: h11.Request) -> bool:
-    connection = b",".join(v for n, v in request.headers if n == b"connection").lower()
-    tokens = {t.strip() for t in connection.split(b",")}
+    tokens = header_tokens(b",".join(v for n, v in request.headers if n == b"connection"))
     if request.http_version == b"1.0":
         return b"keep-alive" in tokens
     return b"close" not in tokens
@@ -394,7 +400,7 @@ def _h11_upgrade(headers: list[tuple[bytes, bytes]]) -> bool:
         if name == b"upgrade":
             has_upgrade = True
         elif name == b"connection":
-            connection_upgrade |= b"upgrade" in {t.strip() for t in value.lower().split(b",")}
+            connection_upgrade |= b"upgrade" in header_tokens(value)
     return has_upgrade and connection_upgrade
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from jwtproxy.codec import ProtocolError, RequestHead
+from jwtproxy.codec import ProtocolError, RequestHead, header_tokens
 
 HOP_BY_HOP = frozenset(
     {
@@ -155,8 +155,7 @@ def scan_request_head(head: RequestHead) -> ScannedHead:
                 raise ProtocolError("malformed request: unsupported Transfer-Encoding")
             scanned.chunked = True
         elif name == b"connection":
-            tokens = {t.strip() for t in value.lower().split(b",")}
-            scanned.connection_tokens = scanned.connection_tokens | tokens
+            scanned.connection_tokens = scanned.connection_tokens | header_tokens(value)
         elif name == b"expect":
             if value.strip().lower() == b"100-continue":
                 scanned.expect_continue = True
@@ -279,7 +278,7 @@ def response_head(
     named: frozenset[bytes] | set[bytes] = _NO_NAMES
     for name, value in headers:
         if name == b"connection":
-            named = {t.strip() for t in value.lower().split(b",")} | set(named)
+            named = header_tokens(value) | named
     for name, value in headers:
         if name in _RESPONSE_DROP or name in named:
             continue
