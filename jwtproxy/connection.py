@@ -207,7 +207,10 @@ class Exchange:
 
     def on_upstream_failed(self, error: UpstreamError, retryable: bool) -> None:
         self.upstream = None
-        self.conn.upstream_failed(self, error, retryable)
+        try:
+            self.conn.upstream_failed(self, error, retryable)
+        except Exception:
+            self.conn.internal_error(self)
 
     def on_tunnel_data(self, data: bytes) -> None:
         if self.tunnel_open:
@@ -440,6 +443,12 @@ class ClientConnection(asyncio.Protocol):
         except Exception:  # the refetch failed; the retry below then says "unknown key"
             pass
         ex.task = None
+        try:
+            self._decide_after_refetch(ex, token)
+        except Exception:
+            self.internal_error(ex)
+
+    def _decide_after_refetch(self, ex: Exchange, token: str | None) -> None:
         if self.closed or ex.route is None:
             return
         self._resume("buffer")
@@ -494,11 +503,18 @@ class ClientConnection(asyncio.Protocol):
                 self.gw.metrics.upstream_error(runtime.pool.name, error.kind)
                 self._answer(ex, error.status, error.description)
             return
+        except Exception:  # CancelledError (a BaseException) passes: the exchange was dropped
+            ex.task = None
+            self.internal_error(ex)
+            return
         ex.task = None
         if self.closed:
             runtime.pool.release(conn)
             return
-        self._attach(ex, conn)
+        try:
+            self._attach(ex, conn)
+        except Exception:
+            self.internal_error(ex)
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
         runtime = ex.route
@@ -535,8 +551,14 @@ class ClientConnection(asyncio.Protocol):
             framing=framing,
             upgrade=b"websocket" if ex.tunnel else None,
         )
+        try:
+            conn.start(ex, upstream_head, head.method == b"HEAD", runtime.response_timeout)
+        except UpstreamError as error:
+            # The upstream closed the connection after it was handed out: an idle one may be
+            # retried like any reused connection; a new one is answered 502.
+            self.upstream_failed(ex, error, conn.reused)
+            return
         ex.upstream = conn
-        conn.start(ex, upstream_head, head.method == b"HEAD", runtime.response_timeout)
         if self.write_paused:
             conn.pause_reading()
         if scanned.expect_continue and not ex.request_done and head.version == b"1.1":
@@ -648,7 +670,29 @@ class ClientConnection(asyncio.Protocol):
 
     def _begin_queued(self, ex: Exchange) -> None:
         if not self.closed and self.current is ex and not ex.begun:
-            self._begin(ex)
+            try:
+                self._begin(ex)
+            except Exception:
+                self.internal_error(ex)
+
+    def internal_error(self, ex: Exchange) -> None:
+        """An unexpected exception escaped while serving ``ex``: log it once and end the exchange.
+
+        Called from inside the ``except`` block. Nothing of the response out yet: a 500 and a close;
+        otherwise the connection is cut, the only honest signal left.
+        """
+        log.exception("internal error while handling a request")
+        try:
+            if ex.completed or ex.response_started or self.closed:
+                self.abort()
+            else:
+                if ex.task is not None and ex.task is not asyncio.current_task():
+                    ex.task.cancel()
+                ex.task = None
+                ex.keep_alive = False
+                self._answer(ex, 500, "internal error")
+        except Exception:  # answering failed too; the traceback above is the one that matters
+            self.abort()
 
     def _record(self, ex: Exchange) -> None:
         gw = self.gw
@@ -726,8 +770,11 @@ class ClientConnection(asyncio.Protocol):
 
     # -- transport helpers ------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        # is_closing(): the client may have reset the connection with connection_lost not yet
+        # delivered, and a write then raises.
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            transport.write(data)
 
     def close(self) -> None:
         self.closing = True

@@ -23,11 +23,18 @@ llhttp cannot be told that a response answers a ``HEAD`` request, so for ``HEAD`
 off after the head (a ``_HeadDone`` raised from the callback) and a fresh parser is made for the
 next response. Interim ``1xx`` responses other than ``101`` are dropped: the gateway answers
 ``Expect: 100-continue`` itself.
+
+Every way an exchange can go wrong here reaches the sink as one :meth:`ResponseSink.on_upstream_failed`:
+a reset, a timeout, an invalid response, a connection that closed between connecting and
+:meth:`UpstreamConnection.start` (start raises :class:`UpstreamError`), and an unexpected exception
+in a callback (logged once, then reported as an ``internal`` failure), so the client always gets an
+answer or a close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections import deque
@@ -35,9 +42,12 @@ from typing import Protocol
 
 import httptools
 
+from jwtproxy.codec import unwrap_callback_error
 from jwtproxy.config import Target, UpstreamConfig
 
 __all__ = ["ResponseSink", "UpstreamConnection", "UpstreamError", "UpstreamPool"]
+
+log = logging.getLogger("jwtproxy")
 
 
 class UpstreamError(Exception):
@@ -139,6 +149,12 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None:
             return
         self.sink = None
+        try:
+            self._report_lost(sink)
+        except Exception:
+            self._internal_error(sink)
+
+    def _report_lost(self, sink: ResponseSink) -> None:
         if self._tunnel:
             sink.on_response_end()
             return
@@ -160,22 +176,27 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the upstream is confused; never reuse it.
             self.close()
             return
-        if self._tunnel:
-            sink.on_tunnel_data(data)
-            return
-        self._got_bytes = True
+        try:
+            if self._tunnel:
+                sink.on_tunnel_data(data)
+                return
+            self._got_bytes = True
+            self._parse(data, sink)
+        except Exception:
+            self._internal_error(sink)
+
+    def _parse(self, data: bytes, sink: ResponseSink) -> None:
         try:
             self._parser.feed_data(data)
         except _HeadDone:
             self._parser = httptools.HttpResponseParser(self)
             self._finish_response()
         except httptools.HttpParserCallbackError as exc:
-            inner = exc.__cause__ or exc.__context__
-            if isinstance(inner, _HeadDone):
-                self._parser = httptools.HttpResponseParser(self)
-                self._finish_response()
-            else:
-                raise
+            inner = unwrap_callback_error(exc)
+            if not isinstance(inner, _HeadDone):
+                raise inner from None
+            self._parser = httptools.HttpResponseParser(self)
+            self._finish_response()
         except httptools.HttpParserUpgrade as upgrade:
             rest = data[upgrade.args[0]:]
             self._tunnel = True
@@ -252,7 +273,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- driving an exchange ---------------------------------------------------------------------
     def start(self, sink: ResponseSink, head: bytes, is_head: bool, response_timeout: float) -> None:
-        """Begin an exchange: write ``head`` (and whatever body bytes the caller sends next)."""
+        """Begin an exchange: write ``head`` (and whatever body bytes the caller sends next).
+
+        Raises :class:`UpstreamError` when the connection closed after it was handed out (the
+        upstream reset it between connect and now); ``sink`` is then not taken on.
+        """
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            self.close()
+            raise UpstreamError("reset", 502, "upstream closed the connection")
         self.sink = sink
         self._is_head = is_head
         self._got_bytes = False
@@ -262,24 +291,24 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._close_delimited = False
         self._interim = False
-        transport = self.transport
-        assert transport is not None  # connection_made ran before the pool handed us out
         transport.write(head)
         # The loop is looked up once per connection: asyncio.get_running_loop() costs a getpid()
         # system call on Python 3.11.
         self._timer = self._loop.call_later(response_timeout, self._on_timeout)
 
     def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        # is_closing(): the upstream may have reset the connection with connection_lost not yet
+        # delivered, and a write then raises.
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            transport.write(data)
 
     def request_sent(self) -> None:
         """The whole request body has been written."""
         self._request_done = True
 
     def tunnel_write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        self.send(data)
 
     def pause_reading(self) -> None:
         if not self._paused_reading and self.transport is not None and not self.closed:
@@ -329,12 +358,17 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer = None
         self._fail(UpstreamError("timeout", 504, "upstream timed out"))
 
-    def _fail(self, error: UpstreamError) -> None:
-        sink = self.sink
+    def _fail(self, error: UpstreamError, sink: ResponseSink | None = None) -> None:
+        sink = sink or self.sink
         self.sink = None
         self.close()
         if sink is not None:
             sink.on_upstream_failed(error, False)
+
+    def _internal_error(self, sink: ResponseSink) -> None:
+        """An unexpected exception while serving ``sink``: log it once, close, and tell the sink."""
+        log.exception("internal error while handling an upstream response")
+        self._fail(UpstreamError("internal", 500, "internal error"), sink)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
