@@ -61,10 +61,13 @@ __all__ = [
     "ASYMMETRIC_ALGORITHMS",
     "HMAC_ALGORITHMS",
     "KeySet",
+    "PRIVATE_MEMBERS",
     "SignatureVerifier",
+    "UnfitKey",
     "is_roca_modulus",
     "keyset_from_jwks",
     "keyset_from_secret",
+    "verifiers_for_jwk",
 ]
 
 Log = Callable[[str], None]
@@ -98,7 +101,7 @@ _EC_ORDER: Final = {
         16,
     ),
 }
-_PRIVATE_MEMBERS: Final = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+PRIVATE_MEMBERS: Final = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 _MAX_ECHO: Final = 80
 
 
@@ -349,7 +352,7 @@ def _import_jwk(jwk: Any, allowed: frozenset[str]) -> list[SignatureVerifier]:
         raise _Skip("symmetric (oct) keys are never taken from a JWKS; HMAC keys come from hs_secret")
     if kty not in ("RSA", "EC", "OKP"):
         raise _Skip(f"unsupported kty {_echo(kty)}")
-    private = [m for m in _PRIVATE_MEMBERS if m in jwk]
+    private = [m for m in PRIVATE_MEMBERS if m in jwk]
     if private:
         raise _Skip(f"holds private key members ({', '.join(private)}); a public JWKS must not")
     kid = jwk.get("kid")
@@ -405,6 +408,22 @@ def _import_jwk(jwk: Any, allowed: frozenset[str]) -> list[SignatureVerifier]:
         return [Ed25519Verifier(kid, a, okey) for a in algs]
     except (ValueError, TypeError, OverflowError, UnsupportedAlgorithm) as exc:
         raise _Skip(f"invalid key ({type(exc).__name__})") from None
+
+
+class UnfitKey(ValueError):
+    """A single JWK failed the rules of the module docstring; the message says which."""
+
+
+def verifiers_for_jwk(jwk: Any, algorithms: frozenset[str]) -> list[SignatureVerifier]:
+    """The verifiers for one JWK under exactly the rules a JWKS key meets, for ``algorithms``.
+
+    Used for keys that do not come from a JWKS (a DPoP proof's ``jwk`` header). Raises
+    :class:`UnfitKey` saying why the key is unfit; never returns an empty list.
+    """
+    try:
+        return _import_jwk(jwk, algorithms & ASYMMETRIC_ALGORITHMS)
+    except _Skip as exc:
+        raise UnfitKey(str(exc)) from None
 
 
 def _load_document(document: bytes | str | dict[str, Any]) -> list[Any]:
