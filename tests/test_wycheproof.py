@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,10 @@ from jwtproxy.jose import TokenRejected, parse_jws
 from jwtproxy.keys import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, KeySet, keyset_from_jwks, keyset_from_secret
 from jwtproxy.verifier import KeysNotLoaded, UnknownKid, check_signature
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors" / "wycheproof"
+# The vectors ship with the repo (tests/vectors/wycheproof, Apache-2.0, see its README.md);
+# JWTPROXY_WYCHEPROOF_DIR points the tests at another copy (e.g. a newer C2SP/wycheproof checkout's
+# testvectors_v1/ folder).
+VECTORS = Path(os.environ.get("JWTPROXY_WYCHEPROOF_DIR") or Path(__file__).resolve().parent / "vectors" / "wycheproof")
 JWS_FILE = VECTORS / "json_web_signature_test.json"
 JWK_FILE = VECTORS / "json_web_key_test.json"
 
@@ -88,16 +92,23 @@ def _accepts(token: str, asym: KeySet | None, secret: KeySet | None) -> bool:
     return True
 
 
+ABSENT = (
+    f"Wycheproof vectors not found in {VECTORS}: restore tests/vectors/wycheproof from the repo, or set "
+    "JWTPROXY_WYCHEPROOF_DIR to a folder holding json_web_signature_test.json and json_web_key_test.json "
+    "(testvectors_v1/ of https://github.com/C2SP/wycheproof)"
+)
+
+
 def _load(path: Path) -> dict[str, Any]:
     if not path.exists():
-        pytest.skip(f"{path} not present")
+        pytest.skip(ABSENT)
     data: dict[str, Any] = json.loads(path.read_text())
     return data
 
 
 def _jws_cases() -> list[Any]:
     if not JWS_FILE.exists():
-        return [pytest.param(None, None, marks=pytest.mark.skip(reason="wycheproof vectors absent"))]
+        return [pytest.param(None, None, marks=pytest.mark.skip(reason=ABSENT))]
     data = json.loads(JWS_FILE.read_text())
     out = []
     for group in data["testGroups"]:
