@@ -1,4 +1,5 @@
-"""Shared test machinery: an echo backend, an in-process gateway, token minting, a raw client.
+"""Shared test machinery: an aiohttp server runner, an echo backend, an in-process gateway,
+token minting, a raw client.
 
 Everything listens on 127.0.0.1 port 0 so tests never collide.
 """
@@ -10,6 +11,7 @@ import base64
 import hashlib
 import json
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +27,13 @@ from jwtproxy.gateway import Gateway
 
 ISSUER = "https://idp.test"
 AUDIENCE = "api"
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for servers that must know it up front)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def b64url(data: bytes) -> str:
@@ -93,6 +102,45 @@ class SigningKey:
         return signing_input.decode() + "." + b64url(self.sign(signing_input))
 
 
+class AppServer:
+    """An aiohttp ``web.Application`` served on 127.0.0.1 in the running event loop.
+
+    The tests' one copy of aiohttp's runner/site start and stop: the echo backend, the fake IdPs
+    and JWKS servers and every one-off upstream use it. ``port=0`` takes a free port (read it
+    from ``port`` after ``start``); ``async with AppServer(app) as server:`` stops it on the way
+    out. ``runner_kwargs`` go to ``web.AppRunner`` (access log off unless given).
+    """
+
+    def __init__(self, app: web.Application, *, port: int = 0, ssl_context: ssl.SSLContext | None = None,
+                 **runner_kwargs: Any) -> None:
+        self.port = port
+        self.ssl_context = ssl_context
+        self._runner = web.AppRunner(app, **{"access_log": None, **runner_kwargs})
+        self._running = False
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
+
+    async def start(self) -> AppServer:
+        await self._runner.setup()
+        self._running = True
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context).start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def stop(self) -> None:
+        if self._running:
+            self._running = False
+            await self._runner.cleanup()
+
+    async def __aenter__(self) -> AppServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
 @dataclass
 class Backend:
     """An aiohttp echo server that records what reached it."""
@@ -100,21 +148,21 @@ class Backend:
     port: int = 0
     seen: list[dict[str, Any]] = field(default_factory=list)
     peers: set[Any] = field(default_factory=set)
-    runner: web.AppRunner | None = None
+    server: AppServer | None = None
 
-    async def start(self) -> Backend:
+    def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 40)
         app.router.add_route("*", "/{tail:.*}", self._echo)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return app
+
+    async def start(self) -> Backend:
+        self.server = await AppServer(self.app()).start()
+        self.port = self.server.port
         return self
 
     async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+        if self.server is not None:
+            await self.server.stop()
 
     async def _echo(self, request: web.Request) -> web.StreamResponse:
         digest = hashlib.sha256()

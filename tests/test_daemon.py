@@ -31,10 +31,11 @@ import aiohttp
 import pytest
 import trustme
 
-from daemon_helpers import (
+from daemon_harness import (
     REPO_ROOT,
     Daemon,
     Reply,
+    child_pids,
     free_port,
     http,
     port_is_listening,
@@ -55,44 +56,19 @@ auth = "off"
 """
 
 
-class Running:
-    """A started daemon plus what the test needs to talk to it and rewrite its config."""
-
-    def __init__(self, daemon: Daemon, port: int, admin_port: int, settings: dict[str, Any],
-                 scheme: str = "http") -> None:
-        self.daemon = daemon
-        self.port = port
-        self.admin_port = admin_port
-        self.settings = settings
-        self.scheme = scheme
-
-    def url(self, path: str) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
-
-    def admin_url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.admin_port}{path}"
-
-    def rewrite(self, **changes: Any) -> None:
-        """Write a new config file (same ports) for the next SIGHUP."""
-        self.settings.update(changes)
-        self.daemon.config_path.write_text(toml_config(**self.settings))
-
-
 @pytest.fixture
 async def start_daemon(tmp_path: Path, backend: Backend, jwks_path: str) -> AsyncIterator[Any]:
     started: list[Daemon] = []
 
-    async def start(*, wait: bool = True, env: dict[str, str] | None = None, scheme: str = "http",
-                    **settings: Any) -> Running:
-        port, admin_port = free_port(), free_port()
-        full: dict[str, Any] = dict(listen_port=port, admin_port=admin_port, backend_port=backend.port,
+    async def start(*, wait: bool = True, env: dict[str, str] | None = None, **settings: Any) -> Daemon:
+        full: dict[str, Any] = dict(listen_port=free_port(), admin_port=free_port(), backend_port=backend.port,
                                     jwks_file=jwks_path, tmp=tmp_path, issuer=ISSUER, audience=AUDIENCE)
         full.update(settings)
-        daemon = Daemon(tmp_path, toml_config(**full), env=env, name=f"daemon{len(started)}")
+        daemon = Daemon(tmp_path, full, env=env, name=f"daemon{len(started)}")
         started.append(daemon)
         if wait:
             await daemon.wait_ready()
-        return Running(daemon, port, admin_port, full, scheme)
+        return daemon
 
     yield start
     for daemon in started:
@@ -124,7 +100,7 @@ def metric_sum(text: str, name: str) -> float:
 
 async def test_requests_spread_over_workers(start_daemon: Any, rsa_key: SigningKey) -> None:
     d = await start_daemon(workers=2)
-    serving = {e["pid"] for e in await d.daemon.wait_event("worker_serving", count=2)}
+    serving = {e["pid"] for e in await d.wait_event("worker_serving", count=2)}
     assert len(serving) == 2
     token = rsa_key.token()
     seen: set[str] = set()
@@ -141,7 +117,7 @@ async def test_requests_spread_over_workers(start_daemon: Any, rsa_key: SigningK
 
 async def test_kill_9_of_a_worker_is_healed(start_daemon: Any, rsa_key: SigningKey) -> None:
     d = await start_daemon(workers=2)
-    before = d.daemon.live_worker_pids()
+    before = d.live_worker_pids()
     assert len(before) == 2
     victim = sorted(before)[0]
     os.kill(victim, signal.SIGKILL)
@@ -149,14 +125,14 @@ async def test_kill_9_of_a_worker_is_healed(start_daemon: Any, rsa_key: SigningK
     # The surviving worker keeps serving while the victim is replaced.
     replies = await many(10, "GET", d.url("/during"), token=token)
     assert [r.status for r in replies] == [200] * 10
-    died = await d.daemon.wait_event("worker_died", where=lambda e: e["pid"] == victim)
+    died = await d.wait_event("worker_died", where=lambda e: e["pid"] == victim)
     assert died[0]["status"] == "signal SIGKILL"
-    await d.daemon.wait_event("worker_started", count=3)
-    replacement = d.daemon.started_pids() - before
+    await d.wait_event("worker_started", count=3)
+    replacement = d.started_pids() - before
     assert len(replacement) == 1
     new_pid = replacement.pop()
-    await d.daemon.wait_event("worker_ready", where=lambda e: e["pid"] == new_pid)
-    assert d.daemon.live_worker_pids() == (before - {victim}) | {new_pid}
+    await d.wait_event("worker_ready", where=lambda e: e["pid"] == new_pid)
+    assert d.live_worker_pids() == (before - {victim}) | {new_pid}
     # Both workers (the replacement included) answer again.
     seen: set[str] = set()
     for _ in range(10):
@@ -166,7 +142,7 @@ async def test_kill_9_of_a_worker_is_healed(start_daemon: Any, rsa_key: SigningK
         if len(seen) >= 2:
             break
     assert len(seen) == 2
-    assert d.daemon.proc.poll() is None
+    assert d.running.poll() is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +155,7 @@ async def test_sighup_under_load_loses_nothing_and_changes_routes(start_daemon: 
     d = await start_daemon(workers=2, parser=parser, shutdown_timeout=5)
     token = rsa_key.token()
     assert (await http("GET", d.url("/new/x"))).status == 401   # the "/" route: token missing
-    old_workers = d.daemon.live_worker_pids()
+    old_workers = d.live_worker_pids()
 
     statuses: list[int] = []
     answered_by: set[str] = set()
@@ -207,9 +183,9 @@ async def test_sighup_under_load_loses_nothing_and_changes_routes(start_daemon: 
             await asyncio.sleep(0.5)
             before = set(answered_by)
             d.rewrite(extra_routes=NEW_ROUTE)
-            d.daemon.signal(signal.SIGHUP)
-            done = await d.daemon.wait_event("reload_done", timeout=20)
-            await d.daemon.wait_event("worker_stopped", count=2, timeout=20)
+            d.signal(signal.SIGHUP)
+            done = await d.wait_event("reload_done", timeout=20)
+            await d.wait_event("worker_stopped", count=2, timeout=20)
             await asyncio.sleep(0.3)
         finally:
             stop.set()
@@ -229,20 +205,20 @@ async def test_sighup_under_load_loses_nothing_and_changes_routes(start_daemon: 
 
 async def test_invalid_config_on_sighup_changes_nothing(start_daemon: Any, rsa_key: SigningKey) -> None:
     d = await start_daemon(workers=1)
-    workers = d.daemon.live_worker_pids()
-    good = d.daemon.config_path.read_text()
-    d.daemon.config_path.write_text(good.replace('upstream = "backend"', 'upstream = "nowhere"', 1)
+    workers = d.live_worker_pids()
+    good = d.config_path.read_text()
+    d.config_path.write_text(good.replace('upstream = "backend"', 'upstream = "nowhere"', 1)
                                     .replace("workers = 1", "workers = 0") + NEW_ROUTE)
-    d.daemon.signal(signal.SIGHUP)
-    failed = await d.daemon.wait_event("reload_failed")
+    d.signal(signal.SIGHUP)
+    failed = await d.wait_event("reload_failed")
     assert failed[0]["reason"] == "invalid configuration"
-    problems = [e["problem"] for e in d.daemon.events("config_problem")]
-    name = str(d.daemon.config_path)
+    problems = [e["problem"] for e in d.events("config_problem")]
+    name = str(d.config_path)
     assert any(p.startswith(name + ": ") and "route[0].upstream" in p and "nowhere" in p for p in problems), problems
     assert any("server.workers" in p for p in problems), problems
     # Same workers, same routes: /new is still behind the "/" route's authentication.
-    assert d.daemon.live_worker_pids() == workers
-    assert len(d.daemon.events("worker_started")) == 1
+    assert d.live_worker_pids() == workers
+    assert len(d.events("worker_started")) == 1
     assert (await http("GET", d.url("/new/x"))).status == 401
     assert (await http("GET", d.url("/x"), token=rsa_key.token())).status == 200
     assert (await http("GET", d.url("/open/x"))).status == 200
@@ -266,7 +242,7 @@ async def test_sigterm_completes_slow_requests_and_exits_0(start_daemon: Any, rs
         assert time.monotonic() < deadline, "slow requests never reached the backend"
         await asyncio.sleep(0.02)
     sent = time.monotonic()
-    d.daemon.signal(signal.SIGTERM)
+    d.signal(signal.SIGTERM)
     # Stop accepting: new connections are refused while the slow requests are still running.
     while port_is_listening(d.port):
         assert time.monotonic() - sent < 1.0, "still accepting connections after SIGTERM"
@@ -277,19 +253,19 @@ async def test_sigterm_completes_slow_requests_and_exits_0(start_daemon: Any, rs
     raw = await keepalive
     [(status, headers, _body)] = parse_responses(raw)
     assert status == 200 and headers.get("connection") == "close"
-    code = await d.daemon.wait_exit(timeout=15)
+    code = await d.wait_exit(timeout=15)
     assert code == 0
     assert time.monotonic() - sent < 5, "drain should not wait for shutdown_timeout"
     assert not port_is_listening(d.port)
-    assert d.daemon.events("stopped")
+    assert d.events("stopped")
 
 
 async def test_workers_exit_when_the_supervisor_is_killed(start_daemon: Any) -> None:
     d = await start_daemon(workers=2)
-    workers = d.daemon.live_worker_pids()
+    workers = d.live_worker_pids()
     assert len(workers) == 2
-    d.daemon.proc.kill()
-    d.daemon.proc.wait()
+    d.running.kill()
+    d.running.wait()
     # Orphans notice the closed link at their next heartbeat, drain and exit: nothing keeps
     # serving unsupervised, and the port is released.
     deadline = time.monotonic() + 6
@@ -334,16 +310,16 @@ async def test_notify_socket_receives_exact_messages(start_daemon: Any, tmp_path
         d = await start_daemon(workers=1, wait=False, env={"NOTIFY_SOCKET": str(path)})
         await until("READY=1")
         before_reload = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        d.daemon.signal(signal.SIGHUP)
+        d.signal(signal.SIGHUP)
         await until("READY=1", count=2)
         after_reload = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         # An invalid config is announced the same way: reloading, then ready (the old config).
-        d.daemon.config_path.write_text(d.daemon.config_path.read_text().replace("workers = 1", "workers = 0"))
-        d.daemon.signal(signal.SIGHUP)
+        d.config_path.write_text(d.config_path.read_text().replace("workers = 1", "workers = 0"))
+        d.signal(signal.SIGHUP)
         await until("READY=1", count=3)
-        await d.daemon.wait_event("reload_failed")
-        d.daemon.signal(signal.SIGTERM)
-        assert await d.daemon.wait_exit() == 0
+        await d.wait_event("reload_failed")
+        d.signal(signal.SIGTERM)
+        assert await d.wait_exit() == 0
         await until("STOPPING=1", timeout=2)
         while True:
             try:
@@ -392,8 +368,8 @@ async def test_watchdog_pings_on_abstract_notify_socket(start_daemon: Any) -> No
                 received.append((time.monotonic(), sock.recv(4096).decode()))
             except BlockingIOError:
                 await asyncio.sleep(0.02)
-        d.daemon.signal(signal.SIGTERM)
-        assert await d.daemon.wait_exit() == 0
+        d.signal(signal.SIGTERM)
+        assert await d.wait_exit() == 0
     finally:
         sock.close()
     messages = [m for _t, m in received]
@@ -412,12 +388,12 @@ async def test_a_notify_receiver_that_does_not_read_cannot_wedge_the_supervisor(
     try:
         # A watchdog ping every 50 ms fills the receive queue within a second.
         d = await start_daemon(wait=False, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "100000"})
-        await d.daemon.wait_event("worker_serving")   # the worker's line: the supervisor may be stuck
+        await d.wait_event("worker_serving")   # the worker's line: the supervisor may be stuck
         await asyncio.sleep(1.0)
         health = await wait_status(d.admin_url("/healthz"), 200, timeout=1.5)
         assert health is not None and health.status == 200
-        d.daemon.signal(signal.SIGTERM)
-        assert await d.daemon.wait_exit(timeout=5) == 0
+        d.signal(signal.SIGTERM)
+        assert await d.wait_exit(timeout=5) == 0
     finally:
         sock.close()
 
@@ -492,7 +468,7 @@ async def test_https_termination_and_certificate_reload(start_daemon: Any, tmp_p
     live_cert, live_key = str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")
     shutil.copy(cert1, live_cert)
     shutil.copy(key1, live_key)
-    d = await start_daemon(workers=1, tls_cert=live_cert, tls_key=live_key, scheme="https")
+    d = await start_daemon(workers=1, tls_cert=live_cert, tls_key=live_key)
 
     ctx1 = _client_context(ca1)
     reply = await http("GET", d.url("/x"), token=rsa_key.token(), ssl_context=ctx1)
@@ -514,9 +490,9 @@ async def test_https_termination_and_certificate_reload(start_daemon: Any, tmp_p
     cert2, key2 = _tls_files(tmp_path, ca2, "two")
     shutil.copy(cert2, live_cert)
     shutil.copy(key2, live_key)
-    d.daemon.signal(signal.SIGHUP)
-    await d.daemon.wait_event("reload_done")
-    await d.daemon.wait_event("worker_stopped")
+    d.signal(signal.SIGHUP)
+    await d.wait_event("reload_done")
+    await d.wait_event("worker_stopped")
     ctx2 = _client_context(ca2)
     _alpn, _version, der2 = await _handshake(d.port, ctx2)
     assert der2 != der1
@@ -526,9 +502,9 @@ async def test_https_termination_and_certificate_reload(start_daemon: Any, tmp_p
 
     # An unusable certificate on reload: the new workers cannot start, the old ones keep serving.
     Path(live_cert).write_text("not a certificate\n")
-    d.daemon.signal(signal.SIGHUP)
+    d.signal(signal.SIGHUP)
     # (Refused by validation or by the new workers failing to start: either way nothing changes.)
-    await d.daemon.wait_event("reload_failed")
+    await d.wait_event("reload_failed")
     _alpn, _version, der3 = await _handshake(d.port, ctx2)
     assert der3 == der2
 
@@ -576,9 +552,9 @@ async def test_admin_probes_metrics_and_token(start_daemon: Any, rsa_key: Signin
     # A reload: the new admin token applies, and the counters of the drained workers stay in
     # the totals (counters must never go down without a restart).
     d.rewrite(admin_token="second-admin-token")
-    d.daemon.signal(signal.SIGHUP)
-    await d.daemon.wait_event("reload_done")
-    await d.daemon.wait_event("worker_stopped", count=2)
+    d.signal(signal.SIGHUP)
+    await d.wait_event("reload_done")
+    await d.wait_event("worker_stopped", count=2)
     assert (await http("GET", d.admin_url("/healthz"), headers=auth)).status == 401
     auth = {"Authorization": "Bearer second-admin-token"}
     assert (await http("GET", d.admin_url("/healthz"), headers=auth)).status == 200
@@ -588,7 +564,7 @@ async def test_admin_probes_metrics_and_token(start_daemon: Any, rsa_key: Signin
     assert total_after == before + sent + 10
 
 
-async def _metric_total(d: Running, auth: dict[str, str], wanted: float) -> tuple[float, str]:
+async def _metric_total(d: Daemon, auth: dict[str, str], wanted: float) -> tuple[float, str]:
     """jwtproxy_requests_total summed, polled until it equals ``wanted`` (or 5 s passed)."""
     deadline = time.monotonic() + 5
     while True:
@@ -603,7 +579,7 @@ async def test_readyz_503_until_issuer_keys_load(start_daemon: Any, tmp_path: Pa
     broken = tmp_path / "broken-jwks.json"
     broken.write_text("{not json")
     d = await start_daemon(workers=1, jwks_file=str(broken), wait=False)
-    await d.daemon.wait_event("worker_serving")
+    await d.wait_event("worker_serving")
     reply = await wait_status(d.admin_url("/readyz"), 503)
     assert reply is not None and reply.status == 503
     assert b"no keys" in reply.body
@@ -611,8 +587,8 @@ async def test_readyz_503_until_issuer_keys_load(start_daemon: Any, tmp_path: Pa
     assert (await http("GET", d.url("/x"), token=rsa_key.token())).status == 503
     # Fix the file and reload: the new worker has keys, /readyz turns 200.
     write_jwks(str(broken), rsa_key)
-    d.daemon.signal(signal.SIGHUP)
-    await d.daemon.wait_event("reload_done")
+    d.signal(signal.SIGHUP)
+    await d.wait_event("reload_done")
     assert (await wait_status(d.admin_url("/readyz"), 200)).status == 200  # type: ignore[union-attr]
     assert (await http("GET", d.url("/x"), token=rsa_key.token())).status == 200
 
@@ -622,8 +598,8 @@ async def test_revoke_command_reaches_every_worker(start_daemon: Any, rsa_key: S
     token = rsa_key.token(jti="jti-to-revoke")
     other = rsa_key.token(jti="jti-kept")
     assert {r.status for r in await many(10, "GET", d.url("/r"), token=token)} == {200}
-    result = await asyncio.to_thread(run_cli, "revoke", "-c", str(d.daemon.config_path), "--jti", "jti-to-revoke",
-                                     "--exp", str(time.time() + 600), cwd=d.daemon.tmp)
+    result = await asyncio.to_thread(run_cli, "revoke", "-c", str(d.config_path), "--jti", "jti-to-revoke",
+                                     "--exp", str(time.time() + 600), cwd=d.tmp)
     assert result.returncode == 0, result
     # Every worker refuses it within a second (sqlite backend shared by the workers).
     deadline = time.monotonic() + 1.5
@@ -764,13 +740,13 @@ async def test_demo_smoke(tmp_path: Path) -> None:
         while match is None:
             match = re.search(r"curl -s (http://127\.0\.0\.1:(\d+))/hello -H 'Authorization: Bearer ([\w.-]+)'",
                               demo.stdout())
-            assert demo.proc.poll() is None, demo.stdout() + demo.log()
+            assert demo.running.poll() is None, demo.stdout() + demo.log()
             assert time.monotonic() < deadline, demo.stdout() + demo.log()
             if match is None:
                 await asyncio.sleep(0.1)
         base, port, token = match.group(1), int(match.group(2)), match.group(3)
         assert port == ports[8080]
-        children = _children(demo.proc.pid)
+        children = child_pids(demo.running.pid)
         # The gateway fetches the demo issuer's JWKS over HTTP; the issuer starts concurrently.
         reply = await wait_status(base + "/hello", 200, timeout=15, token=token)
         assert reply is not None and reply.status == 200, (reply, demo.log()[-3000:])
@@ -780,7 +756,7 @@ async def test_demo_smoke(tmp_path: Path) -> None:
         demo.signal(signal.SIGTERM)
         assert await demo.wait_exit() == 0
     finally:
-        children |= _children(demo.proc.pid) if demo.proc.poll() is None else set()
+        children |= child_pids(demo.running.pid) if demo.running.poll() is None else set()
         demo.kill()
         for pid in children:   # the demo's issuer/backend child, by PID
             try:
@@ -788,7 +764,3 @@ async def test_demo_smoke(tmp_path: Path) -> None:
             except ProcessLookupError:
                 pass
 
-
-def _children(pid: int) -> set[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}

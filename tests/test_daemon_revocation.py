@@ -35,15 +35,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from daemon_harness import (  # noqa: E402
     ADMIN_TOKEN,
     Conn,
-    Node,
-    ThreadBackend,
+    Daemon,
     conn_per_worker,
     fresh_statuses,
+    free_port,
     redis_section,
     sqlite_section,
     until_status,
 )
-from helpers import SigningKey, write_jwks  # noqa: E402
+from helpers import Backend, SigningKey, write_jwks  # noqa: E402
 from redis_server import RedisServer, redis_server  # noqa: E402,F401  (fixture)
 
 from jwtproxy.revocation import DEFAULT_JTI_TTL, EXPIRY_GRACE  # noqa: E402
@@ -71,14 +71,14 @@ def revoked_subs(listing: Any) -> dict[str, float]:
     return {item["sub"]: item["before"] for item in listing["sub"]}
 
 
-async def assert_every_worker(node: Node, token: str | None, want: int) -> None:
+async def assert_every_worker(node: Daemon, token: str | None, want: int) -> None:
     """Fresh connections until each worker answered three times; all must be ``want``."""
     seen = await fresh_statuses(node, token)
     assert seen and all(statuses == [want] * len(statuses) for statuses in seen.values()), (
         f"{node.name}: wanted {want} from every worker, got {seen}")
 
 
-async def wait_listing(node: Node, pred: Callable[[Any], bool], timeout: float = 2.0) -> float:
+async def wait_listing(node: Daemon, pred: Callable[[Any], bool], timeout: float = 2.0) -> float:
     start = time.perf_counter()
     while True:
         status, body = await node.admin("GET", "/revocations")
@@ -89,10 +89,10 @@ async def wait_listing(node: Node, pred: Callable[[Any], bool], timeout: float =
         await asyncio.sleep(0.02)
 
 
-def assert_no_tokens_logged(nodes: list[Node], *tokens: str) -> None:
+def assert_no_tokens_logged(nodes: list[Daemon], *tokens: str) -> None:
     """SPEC: tokens never appear in logs (not even their signature part)."""
     for node in nodes:
-        text = node.log_path.read_text(errors="replace")
+        text = node.log()
         for token in tokens:
             assert token.rsplit(".", 1)[1] not in text, f"{node.name} logged a token"
 
@@ -108,30 +108,24 @@ def post(jti: str | None = None, **fields: Any) -> bytes:
 
 
 @pytest.fixture
-def backend() -> Iterator[ThreadBackend]:
-    server = ThreadBackend().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def key() -> SigningKey:
     return SigningKey.rsa("daemon-rsa", "RS256")
 
 
 @pytest.fixture
-def nodes(tmp_path: Path, backend: ThreadBackend, key: SigningKey) -> Iterator[Callable[..., Node]]:
-    """``make(name, revocation_section, admin_token="")`` starts a daemon; all killed at the end."""
+def nodes(tmp_path: Path, backend: Backend, key: SigningKey) -> Iterator[Callable[..., Daemon]]:
+    """``make(name, revocation_section, admin_token="")`` starts a two-worker daemon; all killed
+    at the end."""
     jwks = write_jwks(str(tmp_path / "jwks.json"), key)
-    made: list[Node] = []
+    made: list[Daemon] = []
 
-    def make(name: str, revocation: str, admin_token: str = "") -> Node:
-        node = Node(tmp_path, name, backend_port=backend.port, jwks_file=jwks,
-                    revocation=revocation, admin_token=admin_token)
+    def make(name: str, revocation: str, admin_token: str = "") -> Daemon:
+        settings = dict(listen_port=free_port(), admin_port=free_port(), backend_port=backend.port,
+                        jwks_file=jwks, tmp=tmp_path, workers=2, shutdown_timeout=1.0,
+                        revocation=revocation, admin_token=admin_token)
+        node = Daemon(tmp_path, settings, name=name)
         made.append(node)
-        return node.start()
+        return node
 
     try:
         yield make
@@ -145,7 +139,7 @@ def nodes(tmp_path: Path, backend: ThreadBackend, key: SigningKey) -> Iterator[C
 
 @pytest.mark.redis
 async def test_redis_revoke_on_one_daemon_reaches_every_worker_of_both(
-        nodes: Callable[..., Node], redis_server: RedisServer, key: SigningKey) -> None:
+        nodes: Callable[..., Daemon], redis_server: RedisServer, key: SigningKey) -> None:
     a = nodes("a", redis_section(redis_server.url))
     b = nodes("b", redis_section(redis_server.url))
     await a.wait_ready()
@@ -253,7 +247,7 @@ async def test_redis_revoke_on_one_daemon_reaches_every_worker_of_both(
 
 @pytest.mark.redis
 async def test_redis_outage_keeps_enforcing_and_empty_restart_is_refilled(
-        nodes: Callable[..., Node], redis_server: RedisServer, key: SigningKey) -> None:
+        nodes: Callable[..., Daemon], redis_server: RedisServer, key: SigningKey) -> None:
     import redis
 
     raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
@@ -358,7 +352,7 @@ async def test_redis_outage_keeps_enforcing_and_empty_restart_is_refilled(
 
 @pytest.mark.redis
 async def test_redis_expired_revocations_are_pruned(
-        nodes: Callable[..., Node], redis_server: RedisServer) -> None:
+        nodes: Callable[..., Daemon], redis_server: RedisServer) -> None:
     """A jti revocation lives until exp + EXPIRY_GRACE: Redis drops the key then (PXAT), and the
     mirrors drop it at their next resync (every 30 s, on reconnect, or on a ``resync`` event --
     published here so the test need not wait 30 s). One already past exp + grace is not stored."""
@@ -397,7 +391,7 @@ async def test_redis_expired_revocations_are_pruned(
 
 
 async def test_sqlite_revocation_survives_daemon_restart(
-        nodes: Callable[..., Node], tmp_path: Path, key: SigningKey) -> None:
+        nodes: Callable[..., Daemon], tmp_path: Path, key: SigningKey) -> None:
     db = tmp_path / "revocations.db"
     node = nodes("s", sqlite_section(db))
     await node.wait_ready()
@@ -427,7 +421,7 @@ async def test_sqlite_revocation_survives_daemon_restart(
     await assert_every_worker(node, erin_old, 401)
     await assert_every_worker(node, erin_new, 200)
 
-    assert node.stop() == 0, node.log()
+    assert await node.stop() == 0, node.log()
     rc, out, err = await node.cli("revoke", "--jti", "while-stopped")  # no daemon: a clear failure
     assert rc == 1 and "cannot reach the admin listener" in err, (rc, out, err)
     node.start()
@@ -453,7 +447,7 @@ async def test_sqlite_revocation_survives_daemon_restart(
 
 
 async def test_sqlite_expired_revocation_not_reloaded(
-        nodes: Callable[..., Node], tmp_path: Path) -> None:
+        nodes: Callable[..., Daemon], tmp_path: Path) -> None:
     """sqlite prunes every 60 s (too long here); what a restart promises: an entry past
     exp + grace is not loaded again, a live one is."""
     node = nodes("s", sqlite_section(tmp_path / "revocations.db"))
@@ -465,7 +459,7 @@ async def test_sqlite_expired_revocation_not_reloaded(
         assert status == 201, body
     await wait_listing(node, lambda l: revoked_jtis(l) == {"soon", "live"})
     await asyncio.sleep(1.2)
-    assert node.stop() == 0, node.log()
+    assert await node.stop() == 0, node.log()
     node.start()
     await node.wait_ready()
     await wait_listing(node, lambda l: revoked_jtis(l) == {"live"})
@@ -498,7 +492,7 @@ MALFORMED: list[tuple[str, bytes, str]] = [
 
 
 async def test_admin_rejects_malformed_bodies_and_enforces_token(
-        nodes: Callable[..., Node], tmp_path: Path, key: SigningKey) -> None:
+        nodes: Callable[..., Daemon], tmp_path: Path, key: SigningKey) -> None:
     node = nodes("adm", sqlite_section(tmp_path / "revocations.db"), admin_token=ADMIN_TOKEN)
     await node.wait_ready()
 
@@ -527,7 +521,7 @@ async def test_admin_rejects_malformed_bodies_and_enforces_token(
     status, reply = await node.admin("POST", "/revocations", post("t-jti"),  # right token, wrong scheme
                                      headers={"Authorization": f"Basic {ADMIN_TOKEN}"}, token="")
     assert status == 401, (status, reply)
-    wrong = node.dir / "wrong-token.toml"
+    wrong = node.tmp / "wrong-token.toml"
     wrong.write_text(node.config_path.read_text().replace(ADMIN_TOKEN, "not-the-token"))
     rc, out, err = await node.cli("revoke", "--jti", "t-jti", config=wrong)
     assert rc == 1 and "401" in err, (rc, out, err)
@@ -550,7 +544,7 @@ async def test_admin_rejects_malformed_bodies_and_enforces_token(
 # -- workers (re)started while Redis is down -------------------------------------------------------
 
 
-async def wait_new_workers(node: Node, old: list[int], replaced: int, timeout: float = 20.0) -> float:
+async def wait_new_workers(node: Daemon, old: list[int], replaced: int, timeout: float = 20.0) -> float:
     """Until ``replaced`` of the ``old`` worker pids are gone, all workers run and /readyz is 200."""
     t0 = time.perf_counter()
     while True:
@@ -566,7 +560,7 @@ async def wait_new_workers(node: Node, old: list[int], replaced: int, timeout: f
 
 @pytest.mark.redis
 async def test_redis_workers_started_during_outage_still_enforce(
-        nodes: Callable[..., Node], redis_server: RedisServer, key: SigningKey) -> None:
+        nodes: Callable[..., Daemon], redis_server: RedisServer, key: SigningKey) -> None:
     """Regression (found by this file, fixed by seeding workers from the supervisor's mirror at
     fork): a worker started while Redis is down -- a respawn after a crash, or every worker after
     a SIGHUP reload -- began with an EMPTY mirror, reported ready and accepted revoked tokens."""
@@ -604,7 +598,7 @@ async def test_redis_workers_started_during_outage_still_enforce(
 
 @pytest.mark.redis
 async def test_redis_seeded_workers_keep_enforcing_when_redis_returns_empty(
-        nodes: Callable[..., Node], redis_server: RedisServer, key: SigningKey) -> None:
+        nodes: Callable[..., Daemon], redis_server: RedisServer, key: SigningKey) -> None:
     import signal
 
     import redis
@@ -653,7 +647,7 @@ async def test_redis_seeded_workers_keep_enforcing_when_redis_returns_empty(
 
 @pytest.mark.redis
 async def test_redis_revocation_right_after_outage_within_one_second(
-        nodes: Callable[..., Node], redis_server: RedisServer, key: SigningKey) -> None:
+        nodes: Callable[..., Daemon], redis_server: RedisServer, key: SigningKey) -> None:
     """Regression (found by this file; fixed by backoff_max 0.5 s and the retry fix below): a
     revocation accepted right after an outage reached a worker only when its session reconnected,
     up to the 5 s backoff later (measured 6-8.6 s)."""
@@ -692,7 +686,7 @@ async def test_redis_revocation_right_after_outage_within_one_second(
 
 @pytest.mark.redis
 async def test_redis_first_revoke_after_redis_restart_succeeds(
-        nodes: Callable[..., Node], redis_server: RedisServer) -> None:
+        nodes: Callable[..., Daemon], redis_server: RedisServer) -> None:
     """Regression (found by this file, fixed): revocation_redis gave the *sync* redis.retry.Retry
     to the asyncio client, whose call_with_retry then returned the coroutine unawaited, so the
     promised one retry never happened: the first command on a pooled connection after a Redis

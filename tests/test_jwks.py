@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jwt
+from helpers import AppServer
 from joserfc.jwk import ECKey, RSAKey
 
 from jwtproxy.config import IssuerConfig
@@ -74,22 +75,18 @@ class FakeIdP:
         self.handlers: dict[str, Handler] = {}
         self.release = asyncio.Event()  # set at teardown so gated handlers finish
         self.base = ""
-        self._runner: web.AppRunner | None = None
+        self._server: AppServer | None = None
 
     async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
         app = web.Application()
         app.router.add_route("GET", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.base = f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
+        self._server = await AppServer(app, ssl_context=ssl_context, shutdown_timeout=0.5).start()
+        self.base = self._server.url
 
     async def close(self) -> None:
         self.release.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._server is not None:
+            await self._server.stop()
 
     def url(self, path: str) -> str:
         return self.base + path

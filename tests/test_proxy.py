@@ -15,7 +15,7 @@ import ssl
 import pytest
 import trustme
 from aiohttp import WSMsgType, web
-from helpers import Backend, header_values, parse_responses, raw_exchange
+from helpers import AppServer, Backend, header_values, parse_responses, raw_exchange
 
 OPEN_ROUTES = [{"path_prefix": "/", "upstream": "backend", "auth": "off"}]
 
@@ -92,13 +92,8 @@ async def test_large_streamed_upload_and_download(make_gateway, backend):
 
     app.router.add_get("/download", download)
     app.router.add_post("/upload", upload)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        gw = await open_gateway(make_gateway, backend_port=port, server={"max_body_bytes": 0})
+    async with AppServer(app) as upstream:
+        gw = await open_gateway(make_gateway, backend_port=upstream.port, server={"max_body_bytes": 0})
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         writer.write(b"GET /download HTTP/1.1\r\nHost: x\r\n\r\n")
         head = await reader.readuntil(b"\r\n\r\n")
@@ -123,8 +118,6 @@ async def test_large_streamed_upload_and_download(make_gateway, backend):
         result = json.loads(await reader.readexactly(length))
         assert result == {"size": size, "sha256": hashlib.sha256(block * (size // len(block))).hexdigest()}
         writer.close()
-    finally:
-        await runner.cleanup()
 
 
 async def test_keep_alive_reuses_one_upstream_connection(make_gateway, backend):
@@ -388,22 +381,15 @@ async def test_websocket_upgrade_is_tunnelled(make_gateway, backend):
         return ws
 
     app.router.add_get("/ws", ws_echo)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
+    async with AppServer(app) as upstream:
         import aiohttp
 
-        gw = await open_gateway(make_gateway, backend_port=port)
+        gw = await open_gateway(make_gateway, backend_port=upstream.port)
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(f"http://127.0.0.1:{gw.port}/ws") as ws:
                 await ws.send_str("hi")
                 msg = await asyncio.wait_for(ws.receive(), 5)
                 assert msg.data == "echo:hi"
-    finally:
-        await runner.cleanup()
 
 
 async def test_https_upstream_verifies_certificate(make_gateway, backend, tmp_path):
@@ -416,13 +402,8 @@ async def test_https_upstream_verifies_certificate(make_gateway, backend, tmp_pa
         return web.Response(text="tls-ok")
 
     app.router.add_get("/", hello)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        gw = await open_gateway(make_gateway, upstream={"targets": [f"https://127.0.0.1:{port}"]})
+    async with AppServer(app, ssl_context=context) as upstream:
+        gw = await open_gateway(make_gateway, upstream={"targets": [upstream.url]})
         # Not trusted yet: the certificate must be refused.
         raw = await raw_exchange(gw.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert parse_responses(raw)[0][0] == 502
@@ -434,8 +415,6 @@ async def test_https_upstream_verifies_certificate(make_gateway, backend, tmp_pa
         raw = await raw_exchange(gw.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         status, _, body = parse_responses(raw)[0]
         assert (status, body) == (200, b"tls-ok")
-    finally:
-        await runner.cleanup()
 
 
 async def test_idle_upstream_connections_expire_and_are_capped(make_gateway, backend):

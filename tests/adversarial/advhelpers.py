@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,10 +19,12 @@ from aiohttp import web
 from helpers import (
     AUDIENCE,
     ISSUER,
+    AppServer,
     Backend,
     RunningGateway,
     SigningKey,
     b64url,
+    free_port,
     header_values,
     parse_responses,
     raw_exchange,
@@ -136,17 +137,12 @@ def identity_headers_seen(record: Mapping[str, Any]) -> list[tuple[str, str]]:
 class BigBackend(Backend):
     """The echo backend, accepting large header values (aiohttp's default field limit is 8 KB)."""
 
-    async def start(self) -> BigBackend:
+    def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 40,
                               handler_args={"max_field_size": 1 << 20, "max_line_size": 1 << 20,
                                             "max_headers": 100_000})
         app.router.add_route("*", "/{tail:.*}", self._echo)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
+        return app
 
 
 @dataclass
@@ -199,22 +195,19 @@ class FakeIdP:
     raw_body: bytes = b""
     fetches: int = 0
     port: int = 0
-    runner: web.AppRunner | None = None
+    server: AppServer | None = None
 
     async def start(self) -> FakeIdP:
         app = web.Application()
         app.router.add_get("/jwks.json", self._jwks)
         app.router.add_get("/loop", self._loop)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.server = await AppServer(app).start()
+        self.port = self.server.port
         return self
 
     async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+        if self.server is not None:
+            await self.server.stop()
 
     @property
     def jwks_uri(self) -> str:
@@ -278,12 +271,6 @@ class IdPGateway:
 
 
 IdPGatewayFactory = Callable[..., Awaitable[IdPGateway]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 __all__ = [

@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from aiohttp import web  # noqa: E402
-from helpers import AUDIENCE, ISSUER, SigningKey, b64url  # noqa: E402
+from helpers import AUDIENCE, ISSUER, AppServer, SigningKey, b64url  # noqa: E402
 
 
 def free_port() -> int:
@@ -192,10 +192,8 @@ async def main(args: argparse.Namespace) -> int:
 
     app.router.add_get("/jwks.json", serve_jwks)
     app.router.add_route("*", "/{tail:.*}", echo)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    backend_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", backend_port).start()
+    upstream = await AppServer(app).start()
+    backend_port = upstream.port
 
     tmp = Path(tempfile.mkdtemp(prefix="jwtproxy-soak-"))
     port = free_port()
@@ -268,7 +266,7 @@ sqlite_path = "{tmp / 'revocations.db'}"
             daemon.wait(15)
         except subprocess.TimeoutExpired:
             daemon.kill()
-        await runner.cleanup()
+        await upstream.stop()
 
     warm = [s for s in samples if s[0] >= min(60.0, duration / 3)] or samples
     total = sum(traffic.counts.values())

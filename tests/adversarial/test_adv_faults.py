@@ -23,7 +23,7 @@ from advhelpers import (
     status_of,
 )
 from aiohttp import web
-from helpers import parse_responses, raw_exchange
+from helpers import AppServer, parse_responses, raw_exchange
 
 from jwtproxy.jwks import FetchPolicy
 
@@ -164,13 +164,8 @@ async def test_upstream_refusing_then_recovering(make_gateway, backend, rsa_key)
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", back)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with AppServer(app, port=port):
         assert await status_of(gw, get("/x", rsa_key.token())) == 200
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize("when", ["before-head", "mid-head", "mid-body"])
@@ -377,13 +372,9 @@ async def streaming_backend():
 
     app.router.add_get("/download", download)
     app.router.add_post("/upload", upload)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state["port"] = site._server.sockets[0].getsockname()[1]
-    yield state
-    await runner.cleanup()
+    async with AppServer(app, handler_cancellation=True) as upstream:
+        state["port"] = upstream.port
+        yield state
 
 
 @pytest.mark.parametrize("direction", ["upload", "download"])
