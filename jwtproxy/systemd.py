@@ -149,7 +149,6 @@ def unit_file(
 # Reload the configuration without dropping a request: systemctl reload jwtproxy
 [Unit]
 Description=jwtproxy JWT-validating API gateway
-Documentation=man:jwtproxy(1)
 Wants=network-online.target
 After=network-online.target
 
@@ -188,6 +187,8 @@ NoNewPrivileges=yes
 # kernel's equivalent (prctl PR_SET_MDWE) and need no writable+executable pages. Only cffi
 # ABI-mode ffi.callback() would fail there, and nothing in jwtproxy uses it.
 ProtectSystem=strict
+# Hides /home, /root and /run/user: ExecStart must not point there (a virtualenv or a
+# "pip install --user" in a home directory fails with status=203/EXEC); install under /opt.
 ProtectHome=yes
 PrivateTmp=yes
 PrivateDevices=yes

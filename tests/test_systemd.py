@@ -149,6 +149,9 @@ def test_unit_file() -> None:
     assert int(s["TimeoutStopSec"]) > 30 + systemd.STOP_MARGIN
     assert "/var/lib/jwtproxy/revocations.db" in text           # sqlite path hint
     assert "[Unit]" in text and "[Service]" in text and "[Install]" in text
+    # No "Documentation=man:" line: jwtproxy ships no man page, and systemctl status would
+    # point at one that does not exist.
+    assert "Documentation" not in s
 
 
 def test_unit_file_paths_and_timeout() -> None:
