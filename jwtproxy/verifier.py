@@ -31,7 +31,9 @@ Claims (RFC 7519 §4.1, SPEC §4): numeric claims must be JSON numbers that fit 
 (no bool, no NaN/Infinity, no 1e400, no 400-digit integers). ``exp`` is always required and
 ``now < exp + leeway``; ``nbf`` and ``iat``, when present, are ``<= now + leeway``;
 ``max_lifetime > 0`` requires ``iat`` and ``exp - iat <= max_lifetime``; ``aud`` (string, or
-array of strings) contains a configured audience; ``sub`` and ``jti``, when present (JSON
+array of strings) contains a configured audience (:meth:`IssuerVerifier.check_claims` can leave
+that membership test to its caller, who then reads :attr:`Verified.audience`, and can accept a
+token without ``aud``: an RFC 7662 introspection response, whose ``aud`` is optional); ``sub`` and ``jti``, when present (JSON
 ``null`` counts as present), are non-empty strings; every ``required_claims`` member is present and not null/""/[]/{}.
 
 The issuer is chosen from the *unverified* ``iss`` only to pick keys; the signature is checked
@@ -96,6 +98,9 @@ class Verified:
     iat: float | None
     sub: str | None
     jti: str | None
+    # The token's audience values; None when the claim is absent (allowed only where the caller
+    # said so). Kept so that a caller deciding audiences per request can test membership again.
+    audience: frozenset[str] | None = None
 
 
 def normalise_typ(value: str) -> str:
@@ -199,10 +204,22 @@ class IssuerVerifier:
             if typ is None or normalise_typ(typ) not in typs:
                 raise TokenRejected("bad_typ", "token type not allowed")
         check_signature(token, self.keys, self.secret_keys, self.algs, self.name, self.fetches_keys)
-        return self.check_claims(token.payload, now)
+        return self.check_claims(token.payload, now, audiences=self.audiences)
 
-    def check_claims(self, claims: dict[str, Any], now: float) -> Verified:
-        """Step 7 on signature-verified claims."""
+    def check_claims(
+        self,
+        claims: dict[str, Any],
+        now: float,
+        *,
+        audiences: frozenset[str] | None = None,
+        audience_required: bool = True,
+    ) -> Verified:
+        """Step 7 on signature-verified claims (or on an introspection response's members).
+
+        ``audiences`` are the accepted audiences; None leaves the membership test to the caller
+        (the claim's shape is still checked, its values are in :attr:`Verified.audience`).
+        ``audience_required`` False lets a token without ``aud`` pass.
+        """
         leeway = self.leeway
         if "exp" not in claims:
             raise TokenRejected("missing_claim", "required claim missing: exp")
@@ -230,18 +247,23 @@ class IssuerVerifier:
             if exp - iat > self.max_lifetime:
                 raise TokenRejected("lifetime_exceeded", "token lifetime exceeds the allowed maximum")
         aud = claims.get("aud")
+        audience: frozenset[str] | None
         if aud is None:
-            raise TokenRejected("missing_claim", "required claim missing: aud")
-        if isinstance(aud, str):
-            if aud not in self.audiences:
-                raise TokenRejected("audience_not_allowed", "audience not allowed")
+            if audience_required:
+                raise TokenRejected("missing_claim", "required claim missing: aud")
+            if "aud" in claims:  # JSON null is a malformed audience, not an absent one
+                raise TokenRejected("bad_claim", "aud claim is not a string or array of strings")
+            audience = None
+        elif isinstance(aud, str):
+            audience = frozenset((aud,))
         elif isinstance(aud, list):
             if not all(isinstance(a, str) for a in aud):
                 raise TokenRejected("bad_claim", "aud claim is not a string or array of strings")
-            if self.audiences.isdisjoint(aud):
-                raise TokenRejected("audience_not_allowed", "audience not allowed")
+            audience = frozenset(aud)
         else:
             raise TokenRejected("bad_claim", "aud claim is not a string or array of strings")
+        if audiences is not None and audience is not None and audiences.isdisjoint(audience):
+            raise TokenRejected("audience_not_allowed", "audience not allowed")
         # "Present" includes JSON null: {"sub": null} is a malformed subject, not a missing one.
         sub = claims.get("sub")
         if "sub" in claims and (not isinstance(sub, str) or not sub):
@@ -253,7 +275,7 @@ class IssuerVerifier:
             if _empty(claims.get(name)):
                 # The claim name comes from the configuration, not from the token.
                 raise TokenRejected("missing_claim", f"required claim missing: {name}")
-        return Verified(self.issuer, claims, exp, iat, sub, jti)
+        return Verified(self.issuer, claims, exp, iat, sub, jti, audience)
 
 
 class TokenVerifier:
