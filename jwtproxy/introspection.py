@@ -95,7 +95,9 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: The rejection for ``"active": false`` (shared: the cache holds one object for every inactive token).
+#: The outcome for ``"active": false``: one object for every inactive token in the cache. It is
+#: never raised itself -- a raised exception keeps its traceback, and with it the frames (and the
+#: token) it passed through, and re-raising one instance grows that traceback every time.
 INACTIVE = TokenRejected("token_inactive", "token is not active")
 
 
@@ -192,7 +194,7 @@ def introspection_verdict(
     active = response.get("active")
     if active is not True:
         if active is False:
-            raise INACTIVE
+            raise TokenRejected(INACTIVE.reason, INACTIVE.description)
         # "active": "true", 1 or nothing: not RFC 7662, so not an answer we may act on.
         raise IntrospectionFailed("response has no boolean active member")
     token_type = response.get("token_type")
@@ -366,14 +368,18 @@ class Introspector(Generic[T]):
             now = self._wall_clock()
             verified = introspection_verdict(response, self._checks, now, audiences=self._audiences)
             outcome: T = self._render(verified)
+        # Outcomes are fresh exceptions that were never raised: a raised one holds its traceback,
+        # whose frames hold the token, and a cached outcome must not keep the token alive.
         except IntrospectionFailed as exc:
             self._failed(str(exc))
-            return exc
+            return IntrospectionFailed(str(exc))
         except TokenRejected as exc:
             self._succeeded()
-            self.cache.put(digest, self._wall_clock() + self.policy.inactive_seconds, exc)
-            self._count("inactive" if exc is INACTIVE else "rejected")
-            return exc
+            inactive = exc.reason == INACTIVE.reason
+            rejection = INACTIVE if inactive else TokenRejected(exc.reason, exc.description)
+            self.cache.put(digest, self._wall_clock() + self.policy.inactive_seconds, rejection)
+            self._count("inactive" if inactive else "rejected")
+            return rejection
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # fail closed: whatever went wrong, this is not a pass

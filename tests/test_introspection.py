@@ -85,11 +85,9 @@ def test_active_response_gives_the_jwt_verdict_shape() -> None:
     assert verified.claims["role"] == "admin" and verified.claims["client_id"] == "app"
 
 
-def test_inactive_is_a_rejection_and_shared() -> None:
-    with pytest.raises(TokenRejected) as info:
-        introspection_verdict({"active": False}, CHECKS, NOW)
-    assert info.value is INACTIVE
-    assert (INACTIVE.reason, INACTIVE.description) == ("token_inactive", "token is not active")
+def test_inactive_is_a_rejection() -> None:
+    rejected({"active": False}, "token_inactive", "token is not active")
+    rejected({"active": False, "sub": "user-1", "exp": NOW + 600}, "token_inactive", "token is not active")
 
 
 @pytest.mark.parametrize("response", [
@@ -362,6 +360,23 @@ async def test_rejected_active_outcome_is_cached_like_an_inactive_one(endpoint: 
     assert isinstance(outcome, TokenRejected) and outcome.reason == "audience_not_allowed"
     assert intro.cached(digest, NOW + 9) is outcome
     assert intro.cached(digest, NOW + 10) is None
+
+
+async def test_outcomes_hold_no_traceback_and_so_no_token(endpoint: Endpoint, make: Factory) -> None:
+    # A raised exception keeps the frames it passed through (and their locals: the token); one
+    # instance raised again and again grows its traceback each time. Outcomes must be neither.
+    intro = make()
+    endpoint.answer = {"active": False}
+    for i in range(3):
+        assert await intro.introspect(f"{TOKEN}-{i}") is INACTIVE
+    assert INACTIVE.__traceback__ is None
+    endpoint.answer = active(aud="other")
+    rejection = await intro.introspect(TOKEN + "-aud")
+    assert isinstance(rejection, TokenRejected) and rejection.__traceback__ is None
+    assert rejection.__context__ is None
+    endpoint.status = 500
+    failure = await intro.introspect(TOKEN + "-down")
+    assert isinstance(failure, IntrospectionFailed) and failure.__traceback__ is None
 
 
 async def test_concurrent_requests_share_one_call(endpoint: Endpoint, make: Factory) -> None:
