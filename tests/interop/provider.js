@@ -7,9 +7,18 @@
 //   * the signing keys read from --keys (a JWKS *with* private parts, written by the Python
 //     test), so that key rotation is "restart with another key file".
 //
-// Usage: node provider.js --port P --keys FILE --alg ALG
+// Usage: node provider.js --port P --keys FILE --alg ALG [--introspection]
 //   --port 0 picks a free port. The issuer is http://127.0.0.1:<port>. Once listening, one
 //   JSON line {"ready": true, "port": P, "issuer": ..., "alg": ...} is printed on stdout.
+//   --introspection adds what an opaque-token deployment needs, and nothing changes without it:
+//     * a second resource server, indicator OPAQUE_RESOURCE, whose access tokens are opaque
+//       (reference) tokens, `accessTokenFormat: 'opaque'`, with the same audience and scopes;
+//     * the RFC 7662 introspection endpoint (/token/introspection) and the RFC 7009 revocation
+//       endpoint (/token/revocation), both announced in the discovery document;
+//     * INTROSPECTOR, a client with no grant of its own that authenticates with
+//       client_secret_basic to introspect (the resource server's credentials, jwtproxy's here).
+//   Opaque client_credentials tokens have no resource owner, so oidc-provider's introspection
+//   response would carry no `sub`; as Ory Hydra does, the client_id is then the subject.
 //
 // Test-only endpoint, not part of oidc-provider: GET /__test/stats answers how many times each
 // path was requested since start, so a test can count JWKS fetches made by the gateway.
@@ -22,12 +31,18 @@ import Provider from 'oidc-provider';
 
 export const RESOURCE = 'https://api.jwtproxy.test';
 export const AUDIENCE = 'api';
+export const OPAQUE_RESOURCE = 'https://opaque.jwtproxy.test';
+export const INTROSPECTOR = {
+  client_id: 'jwtproxy-rs',
+  client_secret: 'jwtproxy-rs-secret-0123456789abcdef',
+};
 
 const { values: args } = parseArgs({
   options: {
     port: { type: 'string', default: '0' },
     keys: { type: 'string' },
     alg: { type: 'string', default: 'RS256' },
+    introspection: { type: 'boolean', default: false },
   },
 });
 if (!args.keys) {
@@ -62,6 +77,16 @@ const CLIENTS = [
   },
 ];
 const ROLES = { 'merchant-app': 'merchant', 'reporting-app': 'auditor' };
+if (args.introspection) {
+  CLIENTS.push({
+    ...INTROSPECTOR,
+    grant_types: [],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: 'client_secret_basic',
+    id_token_signed_response_alg: alg,
+  });
+}
 
 const counts = Object.create(null);
 
@@ -87,12 +112,21 @@ server.listen(Number(args.port), '127.0.0.1', () => {
       // Lets the key file hold encryption keys (use: enc), which the provider then publishes
       // next to its signing keys, as Keycloak does by default with its RSA-OAEP key.
       encryption: { enabled: true },
-      introspection: { enabled: false },
+      introspection: { enabled: args.introspection },
+      revocation: { enabled: args.introspection },
       resourceIndicators: {
         enabled: true,
         defaultResource: async () => RESOURCE,
         useGrantedResource: async () => true,
         getResourceServerInfo: async (ctx, resourceIndicator) => {
+          if (args.introspection && resourceIndicator === OPAQUE_RESOURCE) {
+            return {
+              scope: 'payments:read payments:write',
+              audience: AUDIENCE,
+              accessTokenTTL: 600,
+              accessTokenFormat: 'opaque',
+            };
+          }
           if (resourceIndicator !== RESOURCE) {
             throw new Provider.errors.InvalidTarget();
           }
@@ -108,7 +142,11 @@ server.listen(Number(args.port), '127.0.0.1', () => {
     },
     extraTokenClaims: async (ctx, token) => {
       const role = ROLES[token.clientId];
-      return role ? { role } : undefined;
+      const claims = role ? { role } : {};
+      if (args.introspection && token.resourceServer?.accessTokenFormat === 'opaque' && !token.accountId) {
+        claims.sub = token.clientId; // returned by introspection as a top-level member
+      }
+      return Object.keys(claims).length ? claims : undefined;
     },
     // Only loopback, only tests: no cookies are ever set by the client_credentials grant, but
     // oidc-provider wants signing keys for them anyway.

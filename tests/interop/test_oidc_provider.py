@@ -154,11 +154,13 @@ def free_port() -> int:
 
 
 class ProviderProcess:
-    """``node provider.js`` on loopback; ``start`` again (same port) after ``stop`` = restart."""
+    """``node provider.js`` on loopback; ``start`` again (same port) after ``stop`` = restart.
+    ``flags`` are extra provider.js options (e.g. ``--introspection``)."""
 
-    def __init__(self, node: str, workdir: Path) -> None:
+    def __init__(self, node: str, workdir: Path, flags: tuple[str, ...] = ()) -> None:
         self.node = node
         self.workdir = workdir
+        self.flags = flags
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -179,7 +181,8 @@ class ProviderProcess:
         keys_file.write_text(json.dumps({"keys": [k.private_jwk() for k in keys]}))
         stderr = open(self.workdir / f"provider-{self.starts}.log", "wb")
         self.proc = subprocess.Popen(
-            [self.node, str(PROVIDER_JS), "--port", str(self.port), "--keys", str(keys_file), "--alg", alg],
+            [self.node, str(PROVIDER_JS), "--port", str(self.port), "--keys", str(keys_file), "--alg", alg,
+             *self.flags],
             cwd=INTEROP_DIR, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
         )
         stderr.close()
