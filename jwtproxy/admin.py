@@ -24,28 +24,19 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from aiohttp import web
 
 from .accesslog import log_event
+from .revocation import RevocationStore
 
-__all__ = ["make_admin_app", "compute_readiness", "MAX_ADMIN_BODY", "RevocationAdminStore"]
+__all__ = ["make_admin_app", "compute_readiness", "MAX_ADMIN_BODY"]
 
 #: Largest admin request body accepted (a revocation is a few hundred bytes).
 MAX_ADMIN_BODY = 64 * 1024
 
 Json = dict[str, Any]
-
-
-class RevocationAdminStore(Protocol):
-    """The part of ``jwtproxy.revocation.RevocationStore`` the admin API uses."""
-
-    async def revoke_jti(self, jti: str, exp: float) -> None: ...
-    async def revoke_sub(self, sub: str, before: float) -> None: ...
-    async def unrevoke_jti(self, jti: str) -> bool: ...
-    def list(self) -> dict[str, Any]: ...
-    def status(self) -> dict[str, Any]: ...
 
 
 def compute_readiness(
@@ -93,7 +84,7 @@ def make_admin_app(
     readiness: Callable[[], list[str]],
     render_metrics: Callable[[], bytes],
     metrics_content_type: str,
-    store: Callable[[], RevocationAdminStore | None],
+    store: Callable[[], RevocationStore | None],
     parse_revocation: Callable[[bytes, float], tuple[str, str, float]],
     token: Callable[[], str] = lambda: "",
     now: Callable[[], float] = time.time,
@@ -155,7 +146,7 @@ def make_admin_app(
         return web.Response(body=render_metrics(),
                             headers={"Content-Type": metrics_content_type})
 
-    def current_store() -> RevocationAdminStore | web.Response:
+    def current_store() -> RevocationStore | web.Response:
         s = store()
         if s is None:
             return _error(503, "unavailable", "revocation store not open")
@@ -216,11 +207,8 @@ def make_admin_app(
         s = current_store()
         if isinstance(s, web.Response):
             return s
-        unrevoke_sub = getattr(s, "unrevoke_sub", None)
-        if unrevoke_sub is None:
-            return _error(501, "not_implemented", "this backend cannot remove subject revocations")
         sub = request.match_info["sub"]
-        result = await store_call("unrevoke_sub", lambda: unrevoke_sub(sub))
+        result = await store_call("unrevoke_sub", lambda: s.unrevoke_sub(sub))
         if isinstance(result, web.Response):
             return result
         if not result:

@@ -32,9 +32,10 @@ token and rejects everything else with :class:`TokenRejected` before any key is 
 from __future__ import annotations
 
 import binascii
-import json
 from dataclasses import dataclass
 from typing import Any, Final
+
+from jwtproxy.strictjson import DECODER, DuplicateMember
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -127,24 +128,6 @@ def _decode(segment: bytes) -> bytes | None:
         return None
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError("non-finite number")
-
-
-class _DuplicateMember(ValueError):
-    pass
-
-
-def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise _DuplicateMember()
-    return obj
-
-
-_DECODER = json.JSONDecoder(object_pairs_hook=_object_pairs, parse_constant=_reject_constant)
-
-
 def _too_deep(value: Any) -> bool:
     """True if ``value`` nests containers deeper than :data:`MAX_JSON_DEPTH` (iterative walk)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -163,10 +146,10 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
         # Decoded explicitly as UTF-8 (RFC 7519 §7.2): json.loads(bytes) would also accept UTF-16/32.
         text = data.decode("utf-8")
-        value = _DECODER.decode(text)
+        value = DECODER.decode(text)
     except RecursionError:
         raise _malformed(f"token {what} nests too deeply") from None
-    except _DuplicateMember:
+    except DuplicateMember:  # the member's name is token content: never echoed
         raise _malformed(f"duplicate member name in token {what}") from None
     except ValueError:  # UnicodeDecodeError, JSONDecodeError, non-finite constants, huge ints
         raise _malformed(f"token {what} is not valid JSON") from None

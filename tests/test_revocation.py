@@ -29,11 +29,11 @@ from jwtproxy.revocation import (  # noqa: E402
     EXPIRY_GRACE,
     MAX_TIME,
     RevocationBackendError,
-    RevocationStore,
+    RevocationMirror,
     open_store,
     parse_revocation_request,
 )
-from jwtproxy.revocation_sqlite import SqliteRevocationStore  # noqa: E402
+from jwtproxy.revocation.sqlite import SqliteRevocationStore  # noqa: E402
 
 NOW = 1_800_000_000.0
 REPO = Path(__file__).resolve().parent.parent
@@ -132,8 +132,8 @@ def test_parse_rejects_deep_nesting() -> None:
 # -- hot path -------------------------------------------------------------------------------------
 
 
-def mirror(jti: dict[str, float] | None = None, sub: dict[str, float] | None = None) -> RevocationStore:
-    store = RevocationStore(Logs())
+def mirror(jti: dict[str, float] | None = None, sub: dict[str, float] | None = None) -> RevocationMirror:
+    store = RevocationMirror(Logs())
     store._jti = dict(jti or {})
     store._sub = dict(sub or {})
     return store
@@ -170,7 +170,7 @@ def test_hot_path_cost_with_10k_entries() -> None:
 
 
 def test_open_store_picks_backend(tmp_path: Path) -> None:
-    from jwtproxy.revocation_redis import RedisRevocationStore
+    from jwtproxy.revocation.redis import RedisRevocationStore
 
     assert isinstance(open_store(RevocationConfig(backend="sqlite", sqlite_path=str(tmp_path / "r.db")), Logs()),
                       SqliteRevocationStore)
@@ -178,6 +178,27 @@ def test_open_store_picks_backend(tmp_path: Path) -> None:
                       RedisRevocationStore)
     with pytest.raises(ValueError, match="unknown revocation backend"):
         open_store(RevocationConfig(backend="memcached"), Logs())  # type: ignore[arg-type]
+
+
+async def test_memory_store_validates_like_a_backend_and_stays_in_process() -> None:
+    from jwtproxy.revocation.memory import MemoryRevocationStore
+
+    store = MemoryRevocationStore()
+    await store.start()
+    assert store.up and store.status() == {"backend": "memory", "up": True, "jti": 0, "sub": 0}
+    with pytest.raises(ValueError, match="jti: must not be empty"):
+        await store.revoke_jti("", NOW)
+    with pytest.raises(ValueError, match="before: must be a finite number"):
+        await store.revoke_sub("bob", float("nan"))
+    await store.revoke_jti("j1", NOW + 10)
+    await store.revoke_jti("j1", NOW + 5)   # the larger exp stays
+    await store.revoke_sub("bob", NOW)
+    assert store.list() == {"jti": [{"jti": "j1", "exp": NOW + 10}], "sub": [{"sub": "bob", "before": NOW}]}
+    assert store.is_revoked("j1", None, None, NOW) and store.is_revoked(None, "bob", NOW - 1, NOW)
+    assert await store.unrevoke_jti("j1") and not await store.unrevoke_jti("j1")
+    assert await store.unrevoke_sub("bob") and not await store.unrevoke_sub("bob")
+    assert not store.is_revoked("j1", "bob", NOW - 1, NOW)
+    await store.close()
 
 
 # -- sqlite -------------------------------------------------------------------------------------
@@ -243,7 +264,7 @@ async def test_sqlite_two_stores_see_each_others_writes(stores: Callable[..., An
 
 CHILD = textwrap.dedent("""
     import asyncio, sys, time
-    from jwtproxy.revocation_sqlite import SqliteRevocationStore
+    from jwtproxy.revocation.sqlite import SqliteRevocationStore
 
     async def main():
         store = SqliteRevocationStore(sys.argv[1], lambda *a: None)
@@ -373,10 +394,12 @@ async def test_sqlite_poll_failure_keeps_mirror(stores: Callable[..., Any],
 
     monkeypatch.setattr(a, "_poll", broken)
     await wait_for(lambda: a.status()["up"] is False, timeout=1.0)
+    assert a.up is False   # what the supervisor's jwtproxy_revocation_backend_up reads
     assert a.is_revoked("j", None, None, time.time())
     assert "disk I/O error" in a.status()["last_error"] and "sqlite poll failed" in logs.text()
     monkeypatch.undo()
     await wait_for(lambda: a.status()["up"] is True, timeout=1.0)
+    assert a.up is True
 
 
 async def test_sqlite_write_failure_raises(stores: Callable[..., Any], db: str) -> None:
@@ -408,7 +431,7 @@ FAST: dict[str, Any] = dict(backoff_min=0.05, backoff_max=0.3, command_timeout=1
 
 @pytest.fixture
 async def nodes(redis_server: RedisServer) -> AsyncIterator[Callable[..., Any]]:
-    from jwtproxy.revocation_redis import RedisRevocationStore
+    from jwtproxy.revocation.redis import RedisRevocationStore
 
     opened: list[RedisRevocationStore] = []
 
@@ -530,7 +553,7 @@ async def test_redis_fresh_node_after_restart_learns_write_back(nodes: Callable[
 
 
 async def test_redis_start_while_down_then_up(redis_server: RedisServer) -> None:
-    from jwtproxy.revocation_redis import RedisRevocationStore
+    from jwtproxy.revocation.redis import RedisRevocationStore
 
     redis_server.stop()
     logs = Logs()
@@ -541,10 +564,12 @@ async def test_redis_start_while_down_then_up(redis_server: RedisServer) -> None
         assert time.perf_counter() - t0 < 1.0
         st = s.status()
         assert st["up"] is False and st["synced"] is False and "not reachable at start" in logs.text()
+        assert s.up is False
         with pytest.raises(RevocationBackendError):
             await s.revoke_sub("bob", 1.0)
         redis_server.start()
         await wait_for(lambda: s.status()["up"], timeout=3.0)
+        assert s.up is True
         await s.revoke_sub("bob", 1.0)
         assert s.is_revoked(None, "bob", 0.5, time.time())
     finally:
@@ -578,7 +603,7 @@ async def test_redis_ignores_malformed_messages(nodes: Callable[..., Any], raw: 
 
 
 async def test_redis_status_never_shows_password(redis_server: RedisServer) -> None:
-    from jwtproxy.revocation_redis import RedisRevocationStore, redact_url
+    from jwtproxy.revocation.redis import RedisRevocationStore, redact_url
 
     assert redact_url("redis://user:s3cret@db.example:6380/2") == "redis://db.example:6380/2"
     s = RedisRevocationStore(f"redis://:s3cret@127.0.0.1:{redis_server.port}/0", Logs())
@@ -587,7 +612,7 @@ async def test_redis_status_never_shows_password(redis_server: RedisServer) -> N
 
 def test_seed_widens_the_mirror_and_skips_malformed_entries() -> None:
     """What a worker inherits from the supervisor at fork (used while the backend is away)."""
-    from jwtproxy.revocation_sqlite import SqliteRevocationStore
+    from jwtproxy.revocation.sqlite import SqliteRevocationStore
 
     store = SqliteRevocationStore(":memory:", lambda *a: None)
     store.seed({"jti": [{"jti": "a", "exp": 100.0}, {"jti": "", "exp": 1.0}, {"exp": 5}],

@@ -7,7 +7,7 @@ Theory of operation
   other way round), ``synchronous=FULL`` (a commit is on disk before ``revoke_*`` returns, so a
   revocation that returned success survives a crash or power loss), ``busy_timeout`` 5 s (several
   workers writing or pruning at once wait instead of failing). Upserts keep the larger
-  ``exp`` / ``before`` (see ``jwtproxy.revocation``).
+  ``exp`` / ``before`` (see :mod:`jwtproxy.revocation`).
 * One thread per store owns the sqlite connection (a single-thread executor), so every database
   call is serialised in submission order and the event loop never waits on a lock or an fsync.
   That thread is also the only writer of the mirror, so the mirror always reflects the database
@@ -32,11 +32,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
-from .revocation import (
+from .core import (
     EXPIRY_GRACE,
     Log,
     RevocationBackendError,
-    RevocationStore,
+    RevocationMirror,
     check_id,
     check_time,
 )
@@ -54,7 +54,7 @@ SCHEMA: Final = (
 )
 
 
-class SqliteRevocationStore(RevocationStore):
+class SqliteRevocationStore(RevocationMirror):
     """Revocations in a local SQLite file (``[revocation] backend = "sqlite"``)."""
 
     def __init__(

@@ -6,7 +6,7 @@ Data (all names under the prefix ``jwtproxy:rev:``):
 
 * ``jwtproxy:rev:jti:<jti>`` = ``exp`` (string), with ``PXAT (exp + grace)``: Redis forgets the
   revocation by itself once the token can no longer be accepted.
-* ``jwtproxy:rev:sub`` hash, ``<sub>`` -> ``before``: no expiry (see ``jwtproxy.revocation``).
+* ``jwtproxy:rev:sub`` hash, ``<sub>`` -> ``before``: no expiry (see :mod:`jwtproxy.revocation`).
 * ``jwtproxy:rev:epoch``: a random id created by the first node to find it missing. Its value
   changing (or vanishing) means Redis lost its data set: restarted without persistence, flushed,
   failed over to an empty replica.
@@ -41,7 +41,7 @@ redis-py connection retry is disabled on the pub/sub client so that no reconnect
 our back (it would skip step 2-3 and miss what was published meanwhile).
 
 A worker that starts while Redis is unreachable (a replaced worker, a reload) begins from the
-supervisor's mirror, handed over at fork (``RevocationStore.seed``); the first successful sync
+supervisor's mirror, handed over at fork (``RevocationMirror.seed``); the first successful sync
 replaces it with Redis's. Reconnect attempts are at most ``backoff_max`` (0.5 s) apart, so a
 revocation made right after an outage still reaches every worker within a second.
 """
@@ -63,11 +63,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.asyncio.retry import Retry
 
-from .revocation import (
+from .core import (
     EXPIRY_GRACE,
     Log,
     RevocationBackendError,
-    RevocationStore,
+    RevocationMirror,
+    RevocationSnapshot,
     check_id,
     check_time,
 )
@@ -123,7 +124,7 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-class RedisRevocationStore(RevocationStore):
+class RedisRevocationStore(RevocationMirror):
     """Revocations in Redis, mirrored per worker (``[revocation] backend = "redis"``)."""
 
     def __init__(
@@ -242,12 +243,12 @@ class RedisRevocationStore(RevocationStore):
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> RevocationSnapshot:
         # The epoch travels with the mirror: a seeded worker whose first sync finds Redis emptied
         # (a new epoch) then writes the seed back instead of replacing it with nothing.
         return {**self.list(), "epoch": self._epoch}
 
-    def seed(self, listing: dict[str, Any]) -> None:
+    def seed(self, listing: RevocationSnapshot) -> None:
         super().seed(listing)
         epoch = listing.get("epoch")
         if self._epoch is None and isinstance(epoch, str):
