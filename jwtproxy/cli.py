@@ -80,25 +80,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 async def _verify(config: Config, token: str, issuer: str | None, route_path: str | None) -> dict[str, Any]:
     """The full verification stage on one token, exactly as a worker runs it."""
-    from jwtproxy.auth import Allow, AuthStage, Deny, Pending, RouteRules
-    from jwtproxy.config import RouteConfig
-    from jwtproxy.jwks import KeyManager
-    from jwtproxy.revocation import open_store
-    from jwtproxy.routing import Router
-    from jwtproxy.tokencache import TokenCache
-    from jwtproxy.verifier import TokenVerifier
+    from dataclasses import replace
 
-    issuers = config.issuers
+    from jwtproxy.auth import Allow, Deny, Pending, RouteRules
+    from jwtproxy.config import RouteConfig
+    from jwtproxy.revocation import open_store
+    from jwtproxy.worker import build_worker
+
     if issuer is not None:
         issuers = tuple(i for i in config.issuers if i.name == issuer)
         if not issuers:
             return {"verdict": "rejected", "reason": f"no issuer named {issuer!r} in the config"}
-    verifier = TokenVerifier(issuers, config.token.max_bytes)
-    keys = KeyManager(issuers, verifier, on_change=lambda name: None)
-    store = open_store(config.revocation, lambda *a, **k: None)
+        config = replace(config, issuers=issuers)
+    # Every verdict from a full verification: one token, nothing worth caching.
+    config = replace(config, token=replace(config.token, cache_size=0))
+    # The configured store, so revocations count; its log stays quiet (stdout is the verdict).
+    worker = build_worker(config, store=open_store(config.revocation, lambda *a, **k: None))
     route: RouteConfig
     if route_path is not None:
-        matched = Router(config.routes).match("", route_path)
+        matched = worker.gateway.router.match("", route_path)
         if matched is None:
             return {"verdict": "rejected", "reason": f"no route matches {route_path!r}"}
         route = matched
@@ -108,15 +108,14 @@ async def _verify(config: Config, token: str, issuer: str | None, route_path: st
             require_claims=(), forward_token=True, strip_prefix=False, cors_preflight="forward",
         )
     try:
-        await store.start()
-        await keys.start()
-        stage = AuthStage(config, verifier, TokenCache(0), store.is_revoked, keys.refetch_unknown_kid)
+        await worker.start([])  # no listener: the store and the keys, as a worker loads them
+        stage = worker.gateway.auth
         rules = RouteRules(route)
         decision = stage.authorize(rules, token, time.time())
         if isinstance(decision, Pending):
             await decision.wait
             decision = stage.authorize(rules, token, time.time(), refetched=True)
-        result: dict[str, Any] = {"route": route.path_prefix, "keys": keys.status()}
+        result: dict[str, Any] = {"route": route.path_prefix, "keys": worker.keys.status()}
         if isinstance(decision, Allow):
             claims = _unverified_claims(token)
             result.update(
@@ -133,8 +132,7 @@ async def _verify(config: Config, token: str, issuer: str | None, route_path: st
             result.update(verdict="rejected", status=401, reason="unknown key")
         return result
     finally:
-        await keys.close()
-        await store.close()
+        await worker.stop(0.0)
 
 
 def _unverified_claims(token: str) -> Any:

@@ -1,9 +1,9 @@
 """One worker's gateway: everything a request touches, built once per config.
 
 :class:`Gateway` compiles the config into what the hot path reads (route table, per-route
-runtime, header policy, upstream pools, the verification stage) and owns the listening servers.
-:func:`serve_worker` is what the supervisor runs in each worker process: start, report ready,
-serve until SIGTERM, drain, exit.
+runtime, header policy, upstream pools, the verification stage) and owns the listening servers
+and open connections. It is built by ``jwtproxy.worker.build_worker``, which hands it the
+verifier, the revocation check and the key refetch it cannot make itself.
 """
 
 from __future__ import annotations
@@ -11,18 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
 
-from jwtproxy.accesslog import AccessLog, log_event
+from jwtproxy.accesslog import AccessLog
 from jwtproxy.auth import AuthStage, RouteRules
 from jwtproxy.config import Config, RouteConfig
 from jwtproxy.connection import ClientConnection
 from jwtproxy.headerpolicy import HeaderPolicy
 from jwtproxy.metrics import WorkerMetrics
+from jwtproxy.revocation import IsRevoked
 from jwtproxy.routing import Router
 from jwtproxy.tokencache import TokenCache
 from jwtproxy.upstream import UpstreamPool
@@ -30,7 +30,7 @@ from jwtproxy.verifier import TokenVerifier
 
 log = logging.getLogger("jwtproxy")
 
-__all__ = ["Gateway", "RouteRuntime", "serve_worker", "server_ssl_context"]
+__all__ = ["Gateway", "RouteRuntime", "server_ssl_context"]
 
 
 class RouteRuntime:
@@ -89,14 +89,14 @@ class Gateway:
         self,
         config: Config,
         *,
-        metrics: WorkerMetrics | None = None,
-        access_log: AccessLog | None = None,
-        is_revoked: Callable[[str | None, str | None, float | None, float], bool] | None = None,
-        refetch_unknown_kid: Callable[[str], asyncio.Future[bool]] | None = None,
+        verifier: TokenVerifier,
+        metrics: WorkerMetrics,
+        is_revoked: IsRevoked,
+        refetch_unknown_kid: Callable[[str], asyncio.Future[bool]],
     ) -> None:
         self.config = config
-        self.metrics = metrics or WorkerMetrics()
-        self.access_log = access_log or AccessLog(config.server.access_log)
+        self.metrics = metrics
+        self.access_log = AccessLog(config.server.access_log)
         self.router = Router(config.routes)
         self.policy = HeaderPolicy(name for name, _ in config.claims_to_headers)
         self.pools = {
@@ -109,15 +109,15 @@ class Gateway:
                 drop.update(s.name.encode() for s in config.token.sources if s.kind == "header")
             self.routes[id(route)] = RouteRuntime(route, self.pools[route.upstream], frozenset(drop))
         self.token_sources = config.token.sources
-        self.verifier = TokenVerifier(config.issuers, config.token.max_bytes)
+        self.verifier = verifier
         self.cache = TokenCache(config.token.cache_size)
         self.auth = AuthStage(
             config,
-            self.verifier,
+            verifier,
             self.cache,
-            is_revoked or _never_revoked,
-            refetch_unknown_kid or _no_refetch,
-            on_cache=self.metrics.token_cache,
+            is_revoked,
+            refetch_unknown_kid,
+            on_cache=metrics.token_cache,
         )
         self.connections: set[ClientConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
@@ -134,6 +134,9 @@ class Gateway:
         return ClientConnection(self)
 
     async def start(self, sockets: list[socket.socket]) -> None:
+        """Accept connections on ``sockets`` (none for ``jwtproxy verify``: no certificate to load)."""
+        if not sockets:
+            return
         loop = asyncio.get_running_loop()
         server = self.config.server
         context = server_ssl_context(server.tls_cert, server.tls_key) if server.tls_cert else None
@@ -167,90 +170,3 @@ class Gateway:
             "connections": len(self.connections),
             "issuers": {i.name: {"loaded": self.verifier.has_keys(i.name)} for i in self.config.issuers},
         }
-
-
-def _never_revoked(jti: str | None, sub: str | None, iat: float | None, now: float) -> bool:
-    return False
-
-
-def _no_refetch(issuer: str) -> asyncio.Future[bool]:
-    future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-    future.set_result(False)
-    return future
-
-
-async def serve_worker(config: Config, sockets: list[socket.socket], control: Any) -> None:
-    """Run one worker until SIGTERM/SIGINT, then drain for ``shutdown_timeout`` and return."""
-    from jwtproxy.jwks import KeyManager
-    from jwtproxy.revocation import open_store
-    from jwtproxy.supervisor import LAST_GOOD_KEYS_ENV
-
-    loop = asyncio.get_running_loop()
-    metrics = WorkerMetrics()
-    def store_log(message: str, *args: Any) -> None:
-        log_event("revocation", message=message % args if args else message, pid=os.getpid())
-
-    store = open_store(config.revocation, store_log)
-    gateway_ref: list[Gateway] = []
-
-    def on_keys_changed(issuer: str) -> None:
-        if gateway_ref:
-            gateway_ref[0].auth.evict_issuer(issuer)
-        report()
-
-    gateway = Gateway(config, metrics=metrics, is_revoked=store.is_revoked)
-    gateway_ref.append(gateway)
-    keys = KeyManager(
-        config.issuers,
-        gateway.verifier,
-        on_change=on_keys_changed,
-        on_refresh=metrics.jwks_refresh,
-        last_good_dir=os.environ.get(LAST_GOOD_KEYS_ENV),
-    )
-    gateway.auth.refetch_unknown_kid = keys.refetch_unknown_kid
-
-    def report() -> None:
-        status = gateway.status()
-        status["keys"] = keys.status()
-        status["revocation"] = store.status()
-        control.report(status)
-
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # SIGHUP is the supervisor's; a worker ignores it (the supervisor replaces workers instead).
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)
-
-    inherited = getattr(control, "inherited_revocations", None)
-    if inherited:
-        store.seed(inherited)
-    await store.start()
-    await gateway.start(sockets)
-    await keys.start()
-    flusher = loop.create_task(_flush_metrics(metrics))
-    report()
-    control.ready()
-    log_event("worker_serving", pid=os.getpid(), issuers=[i.name for i in config.issuers])
-    reporter = loop.create_task(_report_periodically(report))
-    try:
-        await stop.wait()
-    finally:
-        log_event("worker_stopping", pid=os.getpid(), connections=len(gateway.connections))
-        await gateway.drain(config.server.shutdown_timeout)
-        reporter.cancel()
-        flusher.cancel()
-        metrics.flush()
-        await keys.close()
-        await store.close()
-
-
-async def _flush_metrics(metrics: WorkerMetrics) -> None:
-    while True:
-        await asyncio.sleep(1.0)
-        metrics.flush()
-
-
-async def _report_periodically(report: Callable[[], None]) -> None:
-    while True:
-        await asyncio.sleep(2.0)
-        report()

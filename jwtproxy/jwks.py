@@ -10,7 +10,8 @@ Each configured issuer has one ``_Issuer`` state and exactly one *source*:
 * ``jwks_uri``  -- GET the JWK Set (RFC 7517 §5);
 * ``discovery`` -- GET the OpenID Connect / RFC 8414 metadata, whose ``issuer`` must equal the
   configured issuer exactly (RFC 8414 §3.3, OIDC Discovery §4.3), then GET its ``jwks_uri``;
-* ``jwks_file`` -- read from disk at start and on ``reload_files()`` (SIGHUP);
+* ``jwks_file`` -- read from disk at start, and again when a token names an unknown ``kid``
+  (invariant 4 applies); never on a timer. A SIGHUP reload starts new workers, which read it anew;
 * no JWKS source (an HMAC-only issuer) -- nothing to fetch: the verifier builds the HMAC keys
   from ``hs_secret`` itself (``keys.keyset_from_secret``), so the issuer counts as loaded. For an
   issuer with ``hs_secret`` *and* a JWKS source, the HMAC keys likewise live in the verifier and
@@ -285,7 +286,7 @@ class KeyManager:
             if st.keyset is None and st.kind != "jwks_file":
                 self._restore_last_good(st)
         for st in fetched:
-            # jwks_file issuers change on SIGHUP (reload_files), not on a timer.
+            # jwks_file issuers are not re-read on a timer: a SIGHUP reload replaces the worker.
             if st.kind != "jwks_file":
                 st.loop_task = asyncio.get_running_loop().create_task(
                     self._refresh_loop(st), name=f"jwks-refresh-{st.cfg.name}"
@@ -328,12 +329,6 @@ class KeyManager:
             return done
         st.last_refetch = now
         return asyncio.shield(self._shared_load(st))
-
-    def reload_files(self) -> None:
-        """Re-read every ``jwks_file`` issuer now (SIGHUP). Failures keep the last good keys."""
-        for st in self._issuers.values():
-            if st.kind == "jwks_file":
-                self._load_file(st)
 
     def status(self) -> dict[str, dict[str, Any]]:
         """Per issuer, for /readyz: loaded, kids, last_success (unix time), last_error, source."""
@@ -453,7 +448,7 @@ class KeyManager:
             return False
 
     def _read_file(self, path: str) -> dict[str, Any]:
-        # A small local file: a blocking read is cheaper than a thread hop, and SIGHUP is rare.
+        # A small local file, read rarely (start, unknown kid): a blocking read beats a thread hop.
         try:
             with open(path, "rb") as f:
                 body = f.read(self._policy.max_bytes + 1)

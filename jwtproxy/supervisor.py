@@ -8,7 +8,7 @@ Process model (``jwtproxy serve``)::
       |- listening sockets, bound here once, inherited by every worker (one shared accept
       |  queue per address: the kernel hands each connection to exactly one worker)
       |- admin listener (aiohttp), revocation store, /metrics aggregation, sd_notify
-      '- N workers: os.fork(), then uvloop.run(serve_worker(config, sockets, control))
+      '- N workers: os.fork(), then uvloop.run(serve_worker(config, sockets, inheritance))
 
 * Signals: the supervisor's handlers only queue the signal (``loop.add_signal_handler``
   writes to the loop's wakeup fd); one dispatcher task handles SIGHUP/SIGTERM/SIGINT in
@@ -20,6 +20,9 @@ Process model (``jwtproxy serve``)::
   sd_notify variables, ignores SIGINT/SIGHUP (the supervisor owns those: Ctrl-C and
   reloads reach the workers as an orderly SIGTERM) and starts a fresh uvloop. It leaves
   with ``os._exit`` so nothing of the parent's state is finalised twice.
+* Inheritance: everything a worker takes over besides config and sockets travels on one
+  ``WorkerInheritance`` (``jwtproxy.workerlink``): the link below, the last-good-keys
+  directory, the revocation mirror at fork.
 * Worker link: a SOCK_SEQPACKET socketpair (message boundaries, no partial writes).
   ``WorkerControl.ready()`` / ``report(status)`` / a heartbeat every ``heartbeat_interval``
   started by ``ready()``. A worker whose heartbeat stops for ``hang_timeout`` is SIGKILLed
@@ -54,7 +57,7 @@ from typing import Any, Callable, Coroutine, Iterable, Protocol
 from . import systemd
 from .accesslog import log_event
 from .admin import compute_readiness, make_admin_app
-from .config import Config, ConfigError, ListenAddr
+from .config import Config, ConfigError, ListenAddr, RevocationConfig
 from .metrics import (
     METRICS_CONTENT_TYPE,
     SupervisorMetrics,
@@ -62,86 +65,25 @@ from .metrics import (
     mark_worker_dead,
     render_metrics,
 )
+from .revocation import Log, RevocationStore, open_store, parse_revocation_request
+from .workerlink import WorkerControl, WorkerInheritance
 
-__all__ = ["Supervisor", "WorkerControl", "WorkerTarget", "bind_listener"]
+__all__ = ["Supervisor", "WorkerTarget", "bind_listener"]
 
 _QUEUED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _BLOCK_AROUND_FORK = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _MAX_MESSAGE = 1 << 20
-#: Environment variable naming the workers' shared last-good-keys directory.
-LAST_GOOD_KEYS_ENV = "JWTPROXY_LAST_GOOD_KEYS_DIR"
 
 
 # ---------------------------------------------------------------------------------------------
 # Worker side
 
 
-class WorkerControl:
-    """The worker's link to the supervisor (created by the supervisor in the child).
-
-    ``WorkerControl(worker_id)`` without a socket is a no-op stand-in for running
-    ``serve_worker`` without a supervisor (tests, single-process tools).
-    """
-
-    def __init__(self, worker_id: int, sock: socket.socket | None = None, *,
-                 generation: int = 0, heartbeat_interval: float = 1.0) -> None:
-        self.worker_id = worker_id
-        self.generation = generation
-        self._sock = sock
-        self._heartbeat_interval = heartbeat_interval
-        self._heartbeat: asyncio.TimerHandle | None = None
-        self.is_ready = False
-        self.inherited_revocations: dict[str, Any] | None = None
-
-    def ready(self) -> None:
-        """Tell the supervisor this worker accepts connections. Call from inside the worker's
-        running event loop: it also starts the heartbeat that proves the loop is not stuck."""
-        self.is_ready = True
-        self._send({"t": "ready"})
-        if self._sock is not None and self._heartbeat is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return
-            self._heartbeat = loop.call_later(self._heartbeat_interval, self._beat, loop)
-
-    def report(self, status: dict[str, Any]) -> None:
-        """Send the worker's status for /readyz:
-        ``{"issuers": {name: {"loaded": bool, ...}}, "revocation": {...}}``."""
-        self._send({"t": "report", "status": status})
-
-    def close(self) -> None:
-        """Stop the heartbeat (the worker is shutting down)."""
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            self._heartbeat = None
-
-    def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._send({"t": "hb"})
-        if self._sock is not None:
-            self._heartbeat = loop.call_later(self._heartbeat_interval, self._beat, loop)
-
-    def _send(self, message: dict[str, Any]) -> None:
-        if self._sock is None:
-            return
-        data = json.dumps(message, separators=(",", ":"), default=str).encode()
-        try:
-            self._sock.send(data)
-        except BlockingIOError:
-            # The supervisor is not reading (busy or stuck): dropping a status message is
-            # better than blocking the worker's event loop. Heartbeats resume later.
-            pass
-        except OSError:
-            # Link closed: the supervisor is gone. Drain and exit rather than serve unsupervised.
-            self._sock.close()
-            self._sock = None
-            self.close()
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 class WorkerTarget(Protocol):
+    """What runs in a worker process: ``jwtproxy.worker.serve_worker`` or a test's stand-in."""
+
     def __call__(self, config: Config, sockets: list[socket.socket],
-                 control: WorkerControl) -> Coroutine[Any, Any, None]: ...
+                 inheritance: WorkerInheritance) -> Coroutine[Any, Any, None]: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +131,7 @@ class _Worker:
 
 
 def _default_target() -> WorkerTarget:
-    from .gateway import serve_worker  # imported late: the gateway pulls in the hot path
+    from .worker import serve_worker  # imported in the child: the supervisor never needs the hot path
     return serve_worker
 
 
@@ -202,21 +144,15 @@ def _store_log(message: str, *args: Any, **fields: Any) -> None:
     log_event("revocation", message=text, **fields)
 
 
-def _backend_up(status: dict[str, Any]) -> bool | None:
-    for key in ("up", "ok", "healthy", "connected"):
-        value = status.get(key)
-        if isinstance(value, bool):
-            return value
-    return None
-
-
 class Supervisor:
     """Runs the daemon: ``Supervisor(loader).run()`` returns the exit code.
 
     config_loader: returns a validated Config or raises ConfigError (called at start unless
         ``config`` is given, and on every SIGHUP).
-    worker_target: ``async (config, sockets, control) -> None`` run in each worker under
-        uvloop; default ``jwtproxy.gateway.serve_worker``.
+    worker_target: ``async (config, sockets, inheritance) -> None`` run in each worker under
+        uvloop; default ``jwtproxy.worker.serve_worker``.
+    open_store: builds the revocation store the admin API writes to and whose mirror every
+        worker inherits; default ``jwtproxy.revocation.open_store``.
     """
 
     def __init__(
@@ -231,8 +167,7 @@ class Supervisor:
         stop_margin: float = systemd.STOP_MARGIN,
         max_backoff: float = 30.0,
         metrics_dir: str | None = None,
-        open_store: Callable[[Any, Callable[..., None]], Any] | None = None,
-        parse_revocation: Callable[[bytes, float], tuple[str, str, float]] | None = None,
+        open_store: Callable[[RevocationConfig, Log], RevocationStore] = open_store,
     ) -> None:
         self._loader = config_loader
         self._target = worker_target
@@ -244,7 +179,6 @@ class Supervisor:
         self.max_backoff = max_backoff
         self._metrics_dir = metrics_dir
         self._open_store = open_store
-        self._parse_revocation = parse_revocation
 
         self._config: Config | None = None
         self._sockets: dict[ListenAddr, socket.socket] = {}
@@ -256,7 +190,7 @@ class Supervisor:
         self._all_ready_once = False
         self._admin_sock: socket.socket | None = None
         self._admin_runner: Any = None
-        self._store: Any = None
+        self._store: RevocationStore | None = None
         self._metrics: SupervisorMetrics | None = None
         self._own_metrics_dir: str | None = None
         self._keys_dir: str | None = None
@@ -285,6 +219,9 @@ class Supervisor:
         self._changed = loop.create_future()
         self._stop_event = asyncio.Event()
         self._setup_metrics()
+        # Private (0700) directory where workers leave each issuer's last good JWKS, so a worker
+        # started while an IdP is down (reload, restart) begins with the keys its peers had.
+        self._keys_dir = tempfile.mkdtemp(prefix="jwtproxy-keys-")
         try:
             for addr in config.server.listen:
                 self._sockets[addr] = bind_listener(addr)
@@ -332,10 +269,6 @@ class Supervisor:
             path = self._own_metrics_dir = tempfile.mkdtemp(prefix="jwtproxy-metrics-")
         enable_multiprocess(path, clean=True)
         self._metrics = SupervisorMetrics()
-        # Private (0700) directory where workers leave each issuer's last good JWKS, so a worker
-        # started while an IdP is down (reload, restart) begins with the keys its peers had.
-        self._keys_dir = tempfile.mkdtemp(prefix="jwtproxy-keys-")
-        os.environ[LAST_GOOD_KEYS_ENV] = self._keys_dir
 
     # -- signals ------------------------------------------------------------------------------
 
@@ -422,16 +355,17 @@ class Supervisor:
                 except OSError:
                     pass
             systemd.unset_environment()
-            control = WorkerControl(worker_id, link, generation=generation,
-                                    heartbeat_interval=self.heartbeat_interval)
-            snapshot = getattr(self._store, "snapshot", None)  # an injected store may lack it
-            if snapshot is not None:
+            inheritance = WorkerInheritance(
+                control=WorkerControl(worker_id, link, generation=generation,
+                                      heartbeat_interval=self.heartbeat_interval),
+                last_good_keys_dir=self._keys_dir,
                 # The supervisor's revocation mirror, so a worker started while the backend is
                 # unreachable (a respawn, a reload) still enforces every known revocation.
-                control.inherited_revocations = snapshot()
+                revocations=self._store.snapshot() if self._store is not None else None,
+            )
             target = self._target or _default_target()
             import uvloop
-            uvloop.run(target(config, list(sockets), control))
+            uvloop.run(target(config, list(sockets), inheritance))
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -614,13 +548,7 @@ class Supervisor:
                     log_event("worker_not_ready", level="error", worker=w.worker_id, pid=w.pid)
                     self._kill(w)
             if self._store is not None:
-                try:
-                    up = _backend_up(self._store.status())
-                except Exception as exc:  # a status probe must never stop the monitor
-                    log_event("revocation_status_error", level="error", error=type(exc).__name__)
-                    up = False
-                if up is not None:
-                    self._metrics.revocation_backend_up.set(1 if up else 0)
+                self._metrics.revocation_backend_up.set(1 if self._store.up else 0)
 
     def _healthy(self) -> bool:
         """Watchdog health: the loop runs (we are here) and workers are starting or serving."""
@@ -785,7 +713,6 @@ class Supervisor:
             shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
         if self._keys_dir is not None:
             shutil.rmtree(self._keys_dir, ignore_errors=True)
-            os.environ.pop(LAST_GOOD_KEYS_ENV, None)
 
     @staticmethod
     def _close_sockets(sockets: Any) -> None:
@@ -795,28 +722,13 @@ class Supervisor:
     # -- admin + revocation -------------------------------------------------------------------
 
     async def _open_revocation_store(self) -> None:
-        opener = self._open_store
-        if opener is None:
-            try:
-                from .revocation import open_store
-            except ImportError as exc:
-                log_event("revocation_unavailable", level="error", error=str(exc))
-                return
-            opener = open_store
         try:
-            store = opener(self.config.revocation, _store_log)
+            store = self._open_store(self.config.revocation, _store_log)
             await store.start()
         except Exception as exc:  # the gateway keeps serving; the admin API answers 503
             log_event("revocation_open_failed", level="error", error=f"{type(exc).__name__}: {exc}")
             return
         self._store = store
-
-    def _parse(self, body: bytes, now: float) -> tuple[str, str, float]:
-        parse = self._parse_revocation
-        if parse is None:
-            from .revocation import parse_revocation_request
-            parse = self._parse_revocation = parse_revocation_request
-        return parse(body, now)
 
     def _bind_admin(self) -> bool:
         addr = self.config.admin.listen
@@ -839,7 +751,7 @@ class Supervisor:
             render_metrics=render_metrics,
             metrics_content_type=METRICS_CONTENT_TYPE,
             store=lambda: self._store,
-            parse_revocation=self._parse,
+            parse_revocation=parse_revocation_request,
             token=lambda: self.config.admin.token,
         )
         runner = web.AppRunner(app, access_log=None, handle_signals=False)

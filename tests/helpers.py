@@ -13,7 +13,7 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from jwtproxy.config import parse_config
-from jwtproxy.gateway import Gateway
+from jwtproxy.jwks import FetchPolicy
+from jwtproxy.revocation.memory import MemoryRevocationStore
+from jwtproxy.worker import build_worker
 
 ISSUER = "https://idp.test"
 AUDIENCE = "api"
@@ -218,32 +220,31 @@ def base_config(backend_port: int, *, parser: str = "httptools", jwks_file: str 
 
 
 class RunningGateway:
-    """A Gateway serving in this event loop on a free loopback port."""
+    """A worker from ``jwtproxy.worker.build_worker`` (as the daemon builds it) serving in this
+    event loop on a free loopback port. Keys come from the issuers' configured sources through
+    the worker's own key manager; revocations live in memory (``worker.store``)."""
 
-    def __init__(self, config_data: dict[str, Any], keys: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, config_data: dict[str, Any], *, key_log: Callable[[str], None] | None = None,
+                 fetch_policy: FetchPolicy | None = None) -> None:
         self.config = parse_config(config_data, "test.toml")
-        self.gateway = Gateway(self.config)
+        self.worker = build_worker(self.config, store=MemoryRevocationStore(), key_log=key_log,
+                                   fetch_policy=fetch_policy)
+        self.gateway = self.worker.gateway
+        self.keys = self.worker.keys
         self.port = 0
-        self._keys = keys
 
     async def start(self) -> RunningGateway:
-        from jwtproxy.keys import keyset_from_jwks
-
-        for issuer in self.config.issuers:
-            if issuer.jwks_file:
-                with open(issuer.jwks_file, "rb") as f:
-                    self.gateway.verifier.set_keyset(issuer.name, keyset_from_jwks(f.read(), issuer, lambda m: None))
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         sock.listen(1024)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        await self.gateway.start([sock])
+        await self.worker.start([sock])
         return self
 
     async def stop(self) -> None:
-        await self.gateway.drain(1.0)
+        await self.worker.stop(1.0)
 
 
 async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0, until_close: bool = False,

@@ -767,39 +767,44 @@ async def test_no_refetch_before_start_or_after_close(idp: FakeIdP, make: Factor
 # ---------------------------------------------------------------------------- jwks_file
 
 
-async def test_jwks_file_load_and_reload(tmp_path: Path, make: Factory) -> None:
+async def test_jwks_file_is_read_once_at_start(tmp_path: Path, make: Factory) -> None:
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps({"keys": [ec_jwk("f1")]}))
     h = make(issuer(jwks_file=str(path)))
     await h.km.start()
     assert h.km.status()["corp"]["kids"] == ["f1"]
     assert h.km.status()["corp"]["source"] == str(path)
+    assert h.changes == ["corp"] and h.results() == ["ok"]
     for _ in range(3):
         await asyncio.sleep(0)  # let any refresh task that start() made reach its sleep
-    assert h.sleeper.idle()  # files change on SIGHUP, not on a timer
-
-    h.km.reload_files()
-    assert h.results() == ["ok", "unchanged"]
+    # Files are not re-read on a timer: a SIGHUP reload starts new workers, which read them again.
+    assert h.sleeper.idle()
 
     path.write_text(json.dumps({"keys": [ec_jwk("f2")]}))
-    h.km.reload_files()
-    assert h.km.status()["corp"]["kids"] == ["f2"]
-    assert h.changes == ["corp", "corp"]
+    assert h.km.status()["corp"]["kids"] == ["f1"]
+    fresh = make(issuer(jwks_file=str(path)))
+    await fresh.km.start()
+    assert fresh.km.status()["corp"]["kids"] == ["f2"]
 
-    path.write_text("{not json")
-    h.km.reload_files()
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"{not json", "file is not JSON"),
+        (b" " * ((1 << 20) + 1), "file is larger than 1048576 bytes"),
+        (None, "cannot read file"),
+    ],
+)
+async def test_unusable_jwks_file_loads_no_keys(tmp_path: Path, make: Factory, content: bytes | None,
+                                                reason: str) -> None:
+    path = tmp_path / "jwks.json"
+    if content is not None:
+        path.write_bytes(content)
+    h = make(issuer(jwks_file=str(path)))
+    await h.km.start()
     st = h.km.status()["corp"]
-    assert st["kids"] == ["f2"] and "file is not JSON" in st["last_error"]
-
-    path.write_bytes(b" " * ((1 << 20) + 1))
-    h.km.reload_files()
-    assert "file is larger than 1048576 bytes" in h.km.status()["corp"]["last_error"]
-
-    path.unlink()
-    h.km.reload_files()
-    st = h.km.status()["corp"]
-    assert st["loaded"] is True and "cannot read file" in st["last_error"]
-    assert h.results() == ["ok", "unchanged", "ok", "error", "error", "error"]
+    assert st["loaded"] is False and reason in st["last_error"]
+    assert h.results() == ["error"] and h.changes == []
 
 
 async def test_missing_jwks_file_at_start(tmp_path: Path, make: Factory) -> None:

@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 from jwtproxy.config import (  # noqa: E402
     AdminConfig, Config, ConfigError, IssuerConfig, ListenAddr, RevocationConfig, ServerConfig,
 )
-from jwtproxy.supervisor import WorkerControl, bind_listener  # noqa: E402
+from jwtproxy.supervisor import bind_listener  # noqa: E402
+from jwtproxy.workerlink import WorkerControl, WorkerInheritance  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +54,19 @@ def load_test_config(path: str) -> Config:
     )
 
 
-async def fake_worker(config: Config, sockets: list[socket.socket], control: WorkerControl) -> None:
+def _inherited(inheritance: WorkerInheritance) -> dict[str, Any]:
+    """What this worker got besides config and sockets, as the fake worker shows it."""
+    keys_dir = inheritance.last_good_keys_dir
+    return {
+        "keys_dir_private": keys_dir is not None and os.path.isdir(keys_dir)
+        and os.stat(keys_dir).st_mode & 0o777 == 0o700,
+        "revocations": inheritance.revocations,
+    }
+
+
+async def fake_worker(config: Config, sockets: list[socket.socket], inheritance: WorkerInheritance) -> None:
+    control = inheritance.control
+    inherited = _inherited(inheritance)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -70,7 +83,7 @@ async def fake_worker(config: Config, sockets: list[socket.socket], control: Wor
             time.sleep(0.003)
             if os.environ.get("FAKE_SLOW"):
                 await asyncio.sleep(float(os.environ["FAKE_SLOW"]))
-            body = json.dumps({"pid": os.getpid(), "tag": config.path}).encode()
+            body = json.dumps({"pid": os.getpid(), "tag": config.path, **inherited}).encode()
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                          % len(body) + body)
             await writer.drain()
@@ -94,37 +107,14 @@ async def fake_worker(config: Config, sockets: list[socket.socket], control: Wor
     control.close()
 
 
-class _FakeStore:
-    def __init__(self) -> None:
-        self.jtis: dict[str, float] = {}
-
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
-    async def revoke_jti(self, jti: str, exp: float) -> None:
-        self.jtis[jti] = exp
-    async def revoke_sub(self, sub: str, before: float) -> None: ...
-    async def unrevoke_jti(self, jti: str) -> bool:
-        return self.jtis.pop(jti, None) is not None
-    def list(self) -> dict[str, Any]:
-        return {"jti": [{"jti": j, "exp": e} for j, e in self.jtis.items()], "sub": []}
-    def status(self) -> dict[str, Any]:
-        return {"up": True}
-
-
-def _parse(body: bytes, now: float) -> tuple[str, str, float]:
-    data = json.loads(body)
-    if not isinstance(data, dict) or not isinstance(data.get("jti"), str):
-        raise ValueError("jti required")
-    return ("jti", data["jti"], float(data.get("exp", now + 60)))
-
-
 def _harness_main(path: str) -> int:
+    from jwtproxy.revocation.memory import MemoryRevocationStore
     from jwtproxy.supervisor import Supervisor
 
     sup = Supervisor(lambda: load_test_config(path), worker_target=fake_worker,
                      ready_timeout=5.0, heartbeat_interval=0.2, stop_margin=1.0,
                      hang_timeout=float(os.environ.get("HANG_TIMEOUT", "30")),
-                     open_store=lambda cfg, log: _FakeStore(), parse_revocation=_parse)
+                     open_store=lambda cfg, log: MemoryRevocationStore(log))
     return sup.run()
 
 
@@ -245,6 +235,35 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 def spread(port: int, n: int = 60) -> list[dict[str, Any]]:
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(lambda _: get(port), range(n)))
+
+
+def test_workers_inherit_the_keys_dir_and_the_revocation_mirror(daemon: Daemon) -> None:
+    first = get(daemon.port)
+    assert first["keys_dir_private"] is True
+    assert first["revocations"] is None  # the first generation forks before the store opens
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{daemon.admin_port}/revocations", method="POST",
+        data=json.dumps({"jti": "j1", "exp": 4102444800}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as r:
+        assert r.status == 201
+    old = daemon.worker_pids()
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    answers: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        try:
+            answers = [a for a in spread(daemon.port, 8) if a["pid"] not in old]
+        except OSError:
+            answers = []
+        if answers:
+            break
+        time.sleep(0.1)
+    assert answers, daemon.log()
+    # A replacement starts from the supervisor's mirror, whatever its backend says later.
+    assert answers[0]["revocations"]["jti"] == [{"jti": "j1", "exp": 4102444800.0}]
+    assert answers[0]["keys_dir_private"] is True
 
 
 def test_workers_share_the_port_and_a_killed_worker_is_replaced(daemon: Daemon) -> None:

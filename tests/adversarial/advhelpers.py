@@ -31,7 +31,6 @@ from helpers import (
 )
 
 from jwtproxy.headerpolicy import header_key
-from jwtproxy.jwks import KeyManager
 
 IDENTITY_NAMES = ("x-user-id", "x-user-role", "x-scope")
 IDENTITY_KEYS = frozenset(header_key(n.encode()) for n in IDENTITY_NAMES)
@@ -249,12 +248,12 @@ class FakeIdP:
 
 
 class IdPGateway:
-    """A RunningGateway whose issuers are fetched by the real KeyManager, wired as in
-    ``jwtproxy.gateway.serve_worker``."""
+    """A RunningGateway whose issuers are fetched by its worker's KeyManager (``keys``), with the
+    key manager's log lines collected in ``log``."""
 
-    def __init__(self, gw: RunningGateway, keys: KeyManager, log: list[str]) -> None:
+    def __init__(self, gw: RunningGateway, log: list[str]) -> None:
         self.gw = gw
-        self.keys = keys
+        self.keys = gw.keys
         self.log = log
 
     @property
@@ -267,7 +266,6 @@ class IdPGateway:
 
     async def stop(self) -> None:
         await self.gw.stop()
-        await self.keys.close()
 
 
 IdPGatewayFactory = Callable[..., Awaitable[IdPGateway]]

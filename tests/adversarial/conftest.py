@@ -18,7 +18,7 @@ from advhelpers import (
 )
 from helpers import Backend, RunningGateway, base_config
 
-from jwtproxy.jwks import FetchPolicy, KeyManager
+from jwtproxy.jwks import FetchPolicy
 
 
 @pytest.fixture
@@ -49,19 +49,11 @@ async def make_idp_gateway(parser: str, backend: Backend) -> AsyncIterator[IdPGa
         kwargs.setdefault("parser", parser)
         kwargs.setdefault("routes", ROUTES)
         data = base_config(backend_port or backend.port, issuers=[issuer_cfg], **kwargs)
-        gw = RunningGateway(data)
         log: list[str] = []
-        keys = KeyManager(
-            gw.config.issuers,
-            gw.gateway.verifier,
-            on_change=gw.gateway.auth.evict_issuer,
-            log=log.append,
-            policy=policy or FetchPolicy(timeout=1.0, backoff_initial=60.0),
-        )
-        gw.gateway.auth.refetch_unknown_kid = keys.refetch_unknown_kid
+        gw = RunningGateway(data, key_log=log.append,
+                            fetch_policy=policy or FetchPolicy(timeout=1.0, backoff_initial=60.0))
         await gw.start()
-        await keys.start()
-        running = IdPGateway(gw, keys, log)
+        running = IdPGateway(gw, log)
         started.append(running)
         return running
 

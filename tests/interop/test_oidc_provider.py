@@ -9,7 +9,7 @@ so a key rotation is "restart the provider with another key file".
 
 jwtproxy is configured only with ``discovery`` = the provider's
 ``/.well-known/openid-configuration``; every token comes from the provider's token endpoint.
-Most tests run an in-process gateway wired exactly like ``gateway.serve_worker`` (the real
+Most tests run an in-process worker built by ``worker.build_worker``, as the daemon's are (the real
 ``KeyManager`` fetching over HTTP, refetching on an unknown ``kid``, evicting cached verdicts on a
 key change); two tests run the real daemon, ``python -m jwtproxy serve -c FILE``, and one the
 ``jwtproxy verify`` command.
@@ -46,8 +46,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from helpers import Backend, header_values  # tests/ is on sys.path (tests/conftest.py)
 from jwtproxy.config import parse_config
-from jwtproxy.gateway import Gateway
-from jwtproxy.jwks import KeyManager
+from jwtproxy.revocation.memory import MemoryRevocationStore
+from jwtproxy.worker import build_worker
 
 INTEROP_DIR = Path(__file__).resolve().parent
 REPO_ROOT = INTEROP_DIR.parent.parent
@@ -300,7 +300,8 @@ def gateway_config(backend_port: int, issuer: str, *, typ: tuple[str, ...] = (),
 
 @dataclass
 class LiveGateway:
-    """A Gateway on a loopback port with the real KeyManager, wired as ``serve_worker`` does."""
+    """A worker from ``build_worker`` (as the daemon builds it) on a loopback port; its key
+    manager's log lines are collected, revocations live in memory."""
 
     data: dict[str, Any]
     port: int = 0
@@ -308,15 +309,9 @@ class LiveGateway:
 
     def __post_init__(self) -> None:
         self.config = parse_config(self.data, "interop.toml")
-        self.gateway = Gateway(self.config)
-        self.keys = KeyManager(
-            self.config.issuers,
-            self.gateway.verifier,
-            on_change=self.gateway.auth.evict_issuer,
-            log=self.log_lines.append,
-            on_refresh=self.gateway.metrics.jwks_refresh,
-        )
-        self.gateway.auth.refetch_unknown_kid = self.keys.refetch_unknown_kid
+        self.worker = build_worker(self.config, store=MemoryRevocationStore(), key_log=self.log_lines.append)
+        self.gateway = self.worker.gateway
+        self.keys = self.worker.keys
 
     async def start(self) -> LiveGateway:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -325,13 +320,11 @@ class LiveGateway:
         sock.listen(1024)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        await self.gateway.start([sock])  # same order as serve_worker: listen, then load keys
-        await self.keys.start()
+        await self.worker.start([sock])
         return self
 
     async def stop(self) -> None:
-        await self.gateway.drain(1.0)
-        await self.keys.close()
+        await self.worker.stop(1.0)
 
     def status(self) -> dict[str, Any]:
         return dict(self.keys.status()["oidc"])

@@ -1,0 +1,183 @@
+"""One worker: its parts built from the config and its inheritance, in one place, then served.
+
+Theory of operation
+-------------------
+:func:`build_worker` is the only place a worker is wired. The supervisor's workers
+(:func:`serve_worker`), ``jwtproxy verify`` and the in-process gateways of the tests all call it,
+so what they run is the same object graph::
+
+    TokenVerifier --- installed keys ---------------------------- KeyManager (jwks)
+         |                                                          | on_change(issuer):
+    Gateway: Router, RouteRuntime per route, UpstreamPools,         |   evict the issuer's cached
+             AuthStage(verifier, TokenCache,                        |   verdicts, report status
+                       is_revoked = store.is_revoked,               |
+                       refetch_unknown_kid = keys.refetch_unknown_kid)
+    RevocationStore (seeded with the inherited mirror) ------ WorkerMetrics (counts, flushed 1/s)
+
+Every callback is known when its receiver is built: the verifier comes first, so the key
+manager and the gateway can both be given it, and the gateway gets the key manager's refetch
+at construction. Nothing is patched in afterwards.
+
+What a worker takes over from its supervisor arrives on one
+:class:`~jwtproxy.workerlink.WorkerInheritance` (the control link, the last-good-keys directory,
+the revocation mirror); a new inherited thing is a new field there, read here.
+
+Lifecycle (:class:`Worker`): ``start(sockets)`` opens the revocation store, starts accepting,
+then loads keys (listening first means the accept queue fills while keys load, instead of
+refusing connections); ``stop(timeout)`` drains the gateway, then closes the key manager and the
+store. :func:`serve_worker` adds the process concerns: signals, the ready message, periodic
+status reports and metric flushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from jwtproxy.accesslog import log_event
+from jwtproxy.config import Config
+from jwtproxy.gateway import Gateway
+from jwtproxy.jwks import FetchPolicy, KeyManager
+from jwtproxy.metrics import WorkerMetrics
+from jwtproxy.revocation import RevocationStore, open_store
+from jwtproxy.verifier import TokenVerifier
+from jwtproxy.workerlink import WorkerInheritance
+
+__all__ = ["Worker", "build_worker", "serve_worker"]
+
+#: Seconds between status reports to the supervisor (readiness detail, issuer gauges).
+REPORT_INTERVAL = 2.0
+#: Seconds between metric flushes into the shared multiprocess files.
+FLUSH_INTERVAL = 1.0
+
+
+class Worker:
+    """One worker's parts, wired; built by :func:`build_worker`."""
+
+    def __init__(
+        self,
+        config: Config,
+        inheritance: WorkerInheritance,
+        store: RevocationStore,
+        *,
+        key_log: Callable[[str], None] | None,
+        fetch_policy: FetchPolicy,
+    ) -> None:
+        self.config = config
+        self.inheritance = inheritance
+        self.metrics = WorkerMetrics()
+        self.store = store
+        if inheritance.revocations:
+            store.seed(inheritance.revocations)
+        verifier = TokenVerifier(config.issuers, config.token.max_bytes)
+        self.keys = KeyManager(
+            config.issuers,
+            verifier,
+            on_change=self._keys_changed,
+            log=key_log,
+            on_refresh=self.metrics.jwks_refresh,
+            policy=fetch_policy,
+            last_good_dir=inheritance.last_good_keys_dir,
+        )
+        self.gateway = Gateway(
+            config,
+            verifier=verifier,
+            metrics=self.metrics,
+            is_revoked=store.is_revoked,
+            refetch_unknown_kid=self.keys.refetch_unknown_kid,
+        )
+
+    def _keys_changed(self, issuer: str) -> None:
+        # Verdicts cached under the old keys must not outlive them (contract §4), and the
+        # supervisor's readiness should see the new key state without waiting for a report.
+        self.gateway.auth.evict_issuer(issuer)
+        self.report()
+
+    def status(self) -> dict[str, Any]:
+        """The status a worker reports: connections, issuers loaded, key and revocation detail."""
+        status = self.gateway.status()
+        status["keys"] = self.keys.status()
+        status["revocation"] = self.store.status()
+        return status
+
+    def report(self) -> None:
+        """Send :meth:`status` over the inherited control link."""
+        self.inheritance.control.report(self.status())
+
+    async def start(self, sockets: list[socket.socket]) -> None:
+        """Open the revocation store, accept on ``sockets``, load every issuer's keys once."""
+        await self.store.start()
+        await self.gateway.start(sockets)
+        await self.keys.start()
+
+    async def stop(self, timeout: float) -> None:
+        """Drain (up to ``timeout`` seconds), then close the key manager and the store."""
+        await self.gateway.drain(timeout)
+        await self.keys.close()
+        await self.store.close()
+
+
+def _store_log(message: str, *args: Any) -> None:
+    """printf-style logger handed to the revocation store (never receives tokens)."""
+    log_event("revocation", message=message % args if args else message, pid=os.getpid())
+
+
+def build_worker(
+    config: Config,
+    inheritance: WorkerInheritance | None = None,
+    *,
+    store: RevocationStore | None = None,
+    key_log: Callable[[str], None] | None = None,
+    fetch_policy: FetchPolicy | None = None,
+) -> Worker:
+    """Wire one worker for ``config``; nothing is started (see :meth:`Worker.start`).
+
+    inheritance: what the supervisor handed over (default: nothing, a no-op control link).
+    store: the revocation store; default ``open_store(config.revocation)``. In-process gateways
+        pass their own (``jwtproxy.revocation.memory.MemoryRevocationStore``).
+    key_log / fetch_policy: the key manager's text log (default: structured log lines) and
+        fetch bounds (default ``FetchPolicy()``).
+    """
+    return Worker(
+        config,
+        inheritance if inheritance is not None else WorkerInheritance(),
+        store if store is not None else open_store(config.revocation, _store_log),
+        key_log=key_log,
+        fetch_policy=fetch_policy if fetch_policy is not None else FetchPolicy(),
+    )
+
+
+async def serve_worker(config: Config, sockets: list[socket.socket], inheritance: WorkerInheritance) -> None:
+    """Run one worker until SIGTERM/SIGINT, then drain for ``shutdown_timeout`` and return."""
+    loop = asyncio.get_running_loop()
+    worker = build_worker(config, inheritance)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # SIGHUP is the supervisor's; a worker ignores it (the supervisor replaces workers instead).
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+
+    await worker.start(sockets)
+    flusher = loop.create_task(worker.metrics.flush_periodically(FLUSH_INTERVAL))
+    worker.report()
+    inheritance.control.ready()
+    log_event("worker_serving", pid=os.getpid(), issuers=[i.name for i in config.issuers])
+    reporter = loop.create_task(_report_periodically(worker.report))
+    try:
+        await stop.wait()
+    finally:
+        log_event("worker_stopping", pid=os.getpid(), connections=len(worker.gateway.connections))
+        await worker.stop(config.server.shutdown_timeout)
+        reporter.cancel()
+        flusher.cancel()  # flush_periodically flushes once more on its way out
+        await asyncio.gather(reporter, flusher, return_exceptions=True)
+
+
+async def _report_periodically(report: Callable[[], None]) -> None:
+    while True:
+        await asyncio.sleep(REPORT_INTERVAL)
+        report()
