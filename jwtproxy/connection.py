@@ -3,27 +3,31 @@
 Theory of operation
 -------------------
 The connection owns the transport, the codec, one timer and the pipeline; an :class:`Exchange`
-owns one request from its head to the end of its response. The codec reports request events
-(``on_request_head`` / ``on_request_body`` / ``on_request_end``); the connection turns each head
-into an exchange and each exchange into exactly one response, in arrival order:
+owns one request from its head to the end of its response, and moves through the states of
+:mod:`jwtproxy.lifecycle` (where the invariants are written down). The codec reports request
+events (``on_request_head`` / ``on_request_body`` / ``on_request_end``); the connection turns each
+head into an exchange and each exchange into exactly one response, in arrival order:
 
-* A request without a body is decided when its end arrives; one with a body is decided at its head,
-  so the body can stream to the upstream (or, when the answer is an error, never be read at all:
-  the connection then closes after the error, because the unread body would be taken for the next
-  request).
-* "Decided" means: scan the head (framing rules), normalise the target, route, authorise (one call
-  into :class:`jwtproxy.auth.AuthStage`), then either answer an error here or hand the exchange to
-  an upstream connection, idle from the pool (synchronously) or newly connected (a task).
+* An exchange is begun (leaves ``WAITING``) when it is the current one and either its whole
+  request is in or it has a body (:meth:`ClientConnection._ready`): a body then streams to the
+  upstream, or, when the answer is an error, is never read at all (the connection closes after the
+  error, because the unread body would be taken for the next request).
+* Beginning means: normalise the target, route, authorise (one call into
+  :class:`jwtproxy.auth.AuthStage`), then either answer here or hand the exchange to an upstream
+  connection, idle from the pool (synchronously) or newly connected (a task).
 * Pipelined requests wait in ``queue``; reading pauses while one waits, so at most one read's worth
   of requests is ever buffered.
 * One timer per connection, re-armed lazily against ``deadline``: ``header_timeout`` while a request
   head is incomplete (slowloris), ``keepalive_timeout`` while idle, none while an exchange runs
   (the upstream's ``response_timeout`` covers that).
+* Every path that runs outside ``data_received`` (the scheduled begin of a queued request, the
+  connect and refetch tasks, the upstream's callbacks) contains its exceptions the same way:
+  :meth:`ClientConnection.internal_error` logs once and answers 500 or cuts the connection.
 
-Reading from the client pauses for three independent reasons (``pipeline``, ``buffer`` while a
-body waits for an upstream connection, ``upstream`` while the upstream cannot take more bytes);
-:meth:`_pause` and :meth:`_resume` keep the transport paused while any reason holds. A slow client
-pauses the upstream's reading in turn (``pause_writing``).
+Reading from the client pauses for independent reasons (``pipeline``, ``buffer`` while a body waits
+for an upstream connection or keys, ``tunnel``, ``upstream`` while the upstream cannot take more
+bytes, ``error``); :class:`ReadGate` keeps the transport paused while any reason holds. A slow
+client pauses the upstream's reading in turn (``pause_writing``).
 """
 
 from __future__ import annotations
@@ -32,11 +36,30 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from jwtproxy.auth import ANONYMOUS, Allow, AmbiguousToken, Deny, MalformedAuthorization, Pending, extract_token, invalid_token
 from jwtproxy.codec import ProtocolError, RequestHead, make_codec
 from jwtproxy.headerpolicy import ScannedHead, response_head, scan_request_head
+from jwtproxy.lifecycle import (
+    ANSWER,
+    ATTACH,
+    CLOSE_AFTER,
+    CONNECT,
+    DEFER,
+    DONE,
+    DROP,
+    FINISH,
+    FORWARDED,
+    RESPONDING,
+    RESPONSE_HEAD,
+    SWITCH,
+    TUNNEL,
+    WAITING,
+    advance,
+    keeps_alive,
+    may_retry,
+)
 from jwtproxy.responses import error_response
 from jwtproxy.routing import BadRequest, normalise_target, split_host, strip_prefix
 from jwtproxy.upstream import UpstreamConnection, UpstreamError
@@ -46,7 +69,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jwtproxy")
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 BUFFER_LIMIT = 256 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -56,8 +78,35 @@ BODY_RAW = 1
 BODY_CHUNKED = 2
 
 
+class ReadGate:
+    """Client reading is paused while any reason holds; each reason is paused and resumed on its own."""
+
+    __slots__ = ("transport", "reasons")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reasons: set[str] = set()
+
+    def pause(self, reason: str) -> None:
+        transport = self.transport
+        if not self.reasons and transport is not None and not transport.is_closing():
+            transport.pause_reading()
+        self.reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self.reasons:
+            self.reasons.discard(reason)
+            transport = self.transport
+            if not self.reasons and transport is not None and not transport.is_closing():
+                transport.resume_reading()
+
+
 class Exchange:
-    """One request and its response."""
+    """One request and its response: the per-request half of a client connection.
+
+    It is the :class:`~jwtproxy.upstream.ResponseSink` of the upstream connection that carries it,
+    and turns the upstream's response into bytes for the client.
+    """
 
     __slots__ = (
         "conn",
@@ -65,68 +114,58 @@ class Exchange:
         "scanned",
         "started",
         "expects_body",
-        "begun",
-        "request_done",
-        "response_started",
-        "response_done",
-        "completed",
+        "upgrade",
+        "state",
+        "received",
+        "keep_alive",
+        "retried",
         "route",
         "request_id",
+        "path",
+        "query",
+        "authority",
+        "auth",
+        "deny_reason",
         "upstream",
+        "task",
         "body_chunks",
         "body_buffered",
         "body_bytes",
-        "body_sent",
         "status",
         "bytes_out",
         "out",
         "body_mode",
-        "keep_alive",
-        "auth",
-        "deny_reason",
-        "retried",
-        "tunnel",
-        "tunnel_open",
         "tunnel_buffer",
-        "path",
-        "query",
-        "authority",
-        "task",
     )
 
-    def __init__(self, conn: ClientConnection, head: RequestHead, started: float) -> None:
+    def __init__(self, conn: ClientConnection, head: RequestHead, scanned: ScannedHead, started: float) -> None:
         self.conn = conn
         self.head = head
-        self.scanned: ScannedHead | None = None
+        self.scanned = scanned
         self.started = started
-        self.expects_body = False
-        self.begun = False
-        self.request_done = False
-        self.response_started = False
-        self.response_done = False
-        self.completed = False
-        self.route: RouteRuntime | None = None
+        self.expects_body = scanned.chunked or bool(scanned.content_length)
+        self.upgrade = False  # a websocket upgrade was asked for and the codec will tunnel after it
+        self.state = WAITING  # response side; the request side is ``received``
+        self.received = False
+        self.keep_alive = False  # decided as the response head is written (lifecycle.keeps_alive)
+        self.retried = False
+        self.route: RouteRuntime | None = None  # None: not routed (yet, or no route matched)
         self.request_id = b""
+        self.path = ""
+        self.query = ""
+        self.authority: str | None = None
+        self.auth: Allow = ANONYMOUS
+        self.deny_reason: str | None = None
         self.upstream: UpstreamConnection | None = None
+        self.task: asyncio.Task[None] | None = None
         self.body_chunks: list[bytes] = []
         self.body_buffered = 0
         self.body_bytes = 0
-        self.body_sent = False
         self.status = 0
         self.bytes_out = 0
         self.out: list[bytes] = []
         self.body_mode = BODY_NONE
-        self.keep_alive = head.keep_alive
-        self.auth: Allow | None = None
-        self.deny_reason: str | None = None
-        self.retried = False
-        self.tunnel = False
-        self.tunnel_open = False
         self.tunnel_buffer: list[bytes] = []
-        self.path = ""
-        self.query = ""
-        self.authority: str | None = None
-        self.task: asyncio.Task[None] | None = None
 
     # -- ResponseSink (called by the UpstreamConnection) ----------------------------------------
     def on_response_head(
@@ -137,13 +176,12 @@ class Exchange:
         keep_alive: bool,
         content_length: bytes | None,
     ) -> None:
-        self.response_started = True
         self.status = status
         conn = self.conn
         head = self.head
         http10 = head.version == b"1.0"
-        if status == 101 and self.tunnel:
-            self.tunnel_open = True
+        if status == 101 and self.upgrade:
+            self.state = advance(self.state, SWITCH)
             self.keep_alive = False
             self.out.append(
                 response_head(b"1.1", status, reason, headers, self.request_id, b"", False, False, upgrade=True)
@@ -153,11 +191,13 @@ class Exchange:
             # parsed there as further HTTP requests that never passed the gateway (smuggling).
             if self.tunnel_buffer and self.upstream is not None:
                 for data in self.tunnel_buffer:
-                    self.upstream.tunnel_write(data)
+                    self.upstream.send(data)
             self.tunnel_buffer.clear()
-            conn._resume("tunnel")
+            conn.reading.resume("tunnel")
             return
+        self.state = advance(self.state, RESPONSE_HEAD)
         self.tunnel_buffer.clear()  # upgrade declined: what followed the request is dropped
+        close_delimited = False
         if status in (204, 304) or status < 200 or head.method == b"HEAD":
             self.body_mode = BODY_NONE
             framing = b""
@@ -170,11 +210,10 @@ class Exchange:
             self.body_mode = BODY_CHUNKED
             framing = b"transfer-encoding: chunked\r\n"
         else:
-            self.body_mode = BODY_RAW  # close-delimited for an HTTP/1.0 client
+            self.body_mode = BODY_RAW
             framing = b""
-            self.keep_alive = False
-        if self.tunnel or not self.request_done or (conn.closing and not conn.queue and conn.deferred_error is None):
-            self.keep_alive = False
+            close_delimited = True  # an HTTP/1.0 client learns the body's end from the close
+        self.keep_alive = keeps_alive(head.keep_alive, self.received, self.upgrade, close_delimited, conn.last())
         self.out.append(
             response_head(b"1.1", status, reason, headers, self.request_id, framing, self.keep_alive, http10)
         )
@@ -192,18 +231,18 @@ class Exchange:
             self.out.clear()
 
     def on_response_end(self) -> None:
-        if self.tunnel_open:
+        if self.state == TUNNEL:
+            # One side of the tunnel closed; closing the client ends the other. connection_lost
+            # records the exchange.
             self.on_response_flushed()
             self.conn.close()
             return
         if self.body_mode == BODY_CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self.on_response_flushed()
-        self.response_done = True
         self.upstream = None
-        if not self.request_done:
-            self.keep_alive = False
-        self.conn.exchange_done(self)
+        self.state = advance(self.state, FINISH)
+        self.conn.complete(self)
 
     def on_upstream_failed(self, error: UpstreamError, retryable: bool) -> None:
         self.upstream = None
@@ -213,17 +252,16 @@ class Exchange:
             self.conn.internal_error(self)
 
     def on_tunnel_data(self, data: bytes) -> None:
-        if self.tunnel_open:
+        if self.state == TUNNEL:
             if self.out:
                 self.on_response_flushed()
             self.conn.write(data)
 
     def pause_client_reading(self) -> None:
-        self.conn._pause("upstream")
+        self.conn.reading.pause("upstream")
 
     def resume_client_reading(self) -> None:
-        self.conn._resume("upstream")
-
+        self.conn.reading.resume("upstream")
 
 class ClientConnection(asyncio.Protocol):
     """One client socket: codec, pipeline, timer and flow control."""
@@ -234,12 +272,12 @@ class ClientConnection(asyncio.Protocol):
         config = gateway.config.server
         self.codec = make_codec(config.http_parser, self, config.max_header_bytes)
         self.transport: asyncio.Transport | None = None
+        self.reading = ReadGate()
         self.client_ip = b"unknown"
         self.proto = b"http"
-        self.current: Exchange | None = None
-        self.receiving: Exchange | None = None
+        self.current: Exchange | None = None  # the exchange whose response goes out next
+        self.receiving: Exchange | None = None  # the exchange whose request bytes are arriving
         self.queue: deque[Exchange] = deque()
-        self.paused: set[str] = set()
         self.write_paused = False
         self.closing = False
         self.closed = False
@@ -252,7 +290,8 @@ class ClientConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream server hands every protocol a full transport; BaseTransport is the declared type.
+        self.transport = self.reading.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.client_ip = str(peer[0]).encode()
@@ -268,11 +307,14 @@ class ClientConnection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self._abandon_all()
         for ex in (self.current, *self.queue):
-            if ex is not None and not ex.completed and ex.begun:
+            if ex is None:
+                continue
+            if ex.state != WAITING and ex.state != DONE:
                 ex.status = ex.status or 499  # nginx's "client closed request"
                 self._record(ex)
-        self._abandon_all()
+            ex.state = advance(ex.state, DROP)
         self.current = None
         self.queue.clear()
         self.gw.connection_closed()
@@ -318,25 +360,23 @@ class ClientConnection(asyncio.Protocol):
 
     # -- codec events --------------------------------------------------------------------------------
     def on_request_head(self, head: RequestHead) -> None:
-        ex = Exchange(self, head, self.loop.time())
         scanned = scan_request_head(head)
-        ex.scanned = scanned
         limit = self.gw.config.server.max_body_bytes
         if scanned.content_length is not None and limit and scanned.content_length > limit:
             raise ProtocolError("request body too large", 413)
-        ex.expects_body = scanned.chunked or bool(scanned.content_length)
+        ex = Exchange(self, head, scanned, self.loop.time())
         if head.upgrade and scanned.upgrade == b"websocket" and head.method == b"GET":
-            ex.tunnel = True
+            ex.upgrade = True
             self.codec.tunnel_after_message = True
         self.receiving = ex
         self.deadline = None
         if self.current is None:
             self.current = ex
-            if ex.expects_body:
+            if self._ready(ex):
                 self._begin(ex)
         else:
             self.queue.append(ex)
-            self._pause("pipeline")
+            self.reading.pause("pipeline")
 
     def on_request_body(self, data: bytes) -> None:
         ex = self.receiving
@@ -346,56 +386,52 @@ class ClientConnection(asyncio.Protocol):
         limit = self.gw.config.server.max_body_bytes
         if limit and ex.body_bytes > limit:
             raise ProtocolError("request body too large", 413)
-        if ex.response_done:
-            return  # answered already; the rest of the body is read only to reach the next request
         upstream = ex.upstream
         if upstream is not None:
-            upstream.send(b"%x\r\n%b\r\n" % (len(data), data) if ex.scanned.chunked else data)  # type: ignore[union-attr]
-            ex.body_sent = True
+            upstream.send(b"%x\r\n%b\r\n" % (len(data), data) if ex.scanned.chunked else data)
         else:
             ex.body_chunks.append(data)
             ex.body_buffered += len(data)
             if ex.body_buffered > BUFFER_LIMIT:
-                self._pause("buffer")
+                self.reading.pause("buffer")
 
     def on_request_end(self) -> None:
         ex = self.receiving
         if ex is None:
             return
         self.receiving = None
-        ex.request_done = True
-        if self.closing and ex is not self.current:
-            return
-        if ex is self.current and not ex.begun:
-            self._begin(ex)
+        ex.received = True
+        if ex.state == WAITING:
+            if ex is self.current:
+                self._begin(ex)
         elif ex.upstream is not None:
-            if ex.scanned is not None and ex.scanned.chunked:
+            if ex.scanned.chunked:
                 ex.upstream.send(b"0\r\n\r\n")
             ex.upstream.request_sent()
-        if ex.response_done and not ex.completed:
-            self.exchange_done(ex)
 
     def on_tunnel_data(self, data: bytes) -> None:
         ex = self.current
-        if ex is None or not ex.tunnel:
+        if ex is None or not ex.upgrade:
             return
-        if ex.tunnel_open and ex.upstream is not None:
-            ex.upstream.tunnel_write(data)
-        elif not ex.response_started:
+        if ex.state == TUNNEL:
+            if ex.upstream is not None:
+                ex.upstream.send(data)
+        elif ex.state < RESPONDING:
             # Held until the upstream switches protocols (see Exchange.on_response_head).
             ex.tunnel_buffer.append(data)
             ex.body_buffered += len(data)
             if ex.body_buffered > BUFFER_LIMIT:
-                self._pause("tunnel")
+                self.reading.pause("tunnel")
 
     # -- deciding ------------------------------------------------------------------------------------
+    @staticmethod
+    def _ready(ex: Exchange) -> bool:
+        """Whether the current exchange can be begun: its request is whole, or its body can stream."""
+        return ex.received or ex.expects_body
+
     def _begin(self, ex: Exchange) -> None:
-        ex.begun = True
         gw = self.gw
         scanned = ex.scanned
-        if scanned is None:  # queued heads are scanned on arrival; this cannot happen
-            self._answer(ex, 400, "malformed request")
-            return
         ex.request_id = scanned.request_id or gw.next_request_id()
         try:
             path, query, authority = normalise_target(ex.head.target)
@@ -414,7 +450,7 @@ class ClientConnection(asyncio.Protocol):
         runtime = gw.routes[id(route)]
         ex.route = runtime
         if runtime.auth_off or (runtime.cors_forward and self._is_preflight(ex.head)):
-            self._forward(ex, ANONYMOUS)
+            self._forward(ex, runtime, ANONYMOUS)
             return
         try:
             token, source = extract_token(gw.token_sources, ex.head.headers, scanned.authorization, query)
@@ -427,15 +463,23 @@ class ClientConnection(asyncio.Protocol):
             self._answer(ex, 400, "more than one token in the request")
             return
         decision = gw.auth.authorize(runtime.rules, token, time.time())
-        if type(decision) is Allow:
-            self._forward(ex, decision)
-        elif type(decision) is Deny:
+        if isinstance(decision, Allow):
+            self._forward(ex, runtime, decision)
+        elif isinstance(decision, Deny):
             self._deny(ex, decision)
         else:
-            self._pause("buffer")
-            ex.task = self.loop.create_task(self._after_refetch(ex, decision, token))  # type: ignore[arg-type]
+            ex.state = advance(ex.state, DEFER)
+            self.reading.pause("buffer")
+            ex.task = self.loop.create_task(self._after_refetch(ex, runtime, decision, token))
 
-    async def _after_refetch(self, ex: Exchange, pending: Pending, token: str | None) -> None:
+    def _begin_queued(self, ex: Exchange) -> None:
+        if not self.closed and self.current is ex and ex.state == WAITING:
+            try:
+                self._begin(ex)
+            except Exception:
+                self.internal_error(ex)
+
+    async def _after_refetch(self, ex: Exchange, runtime: RouteRuntime, pending: Pending, token: str | None) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(pending.wait), 10.0)
         except asyncio.CancelledError:
@@ -443,22 +487,19 @@ class ClientConnection(asyncio.Protocol):
         except Exception:  # the refetch failed; the retry below then says "unknown key"
             pass
         ex.task = None
+        if self.closed:
+            return
         try:
-            self._decide_after_refetch(ex, token)
+            self.reading.resume("buffer")
+            decision = self.gw.auth.authorize(runtime.rules, token, time.time(), refetched=True)
+            if isinstance(decision, Allow):
+                self._forward(ex, runtime, decision)
+            elif isinstance(decision, Deny):
+                self._deny(ex, decision)
+            else:
+                self._deny(ex, invalid_token("unknown_kid", "unknown key"))
         except Exception:
             self.internal_error(ex)
-
-    def _decide_after_refetch(self, ex: Exchange, token: str | None) -> None:
-        if self.closed or ex.route is None:
-            return
-        self._resume("buffer")
-        decision = self.gw.auth.authorize(ex.route.rules, token, time.time(), refetched=True)
-        if type(decision) is Allow:
-            self._forward(ex, decision)
-        elif type(decision) is Deny:
-            self._deny(ex, decision)
-        else:
-            self._deny(ex, invalid_token("unknown_kid", "unknown key"))
 
     @staticmethod
     def _is_preflight(head: RequestHead) -> bool:
@@ -480,21 +521,18 @@ class ClientConnection(asyncio.Protocol):
         )
 
     # -- forwarding -----------------------------------------------------------------------------------
-    def _forward(self, ex: Exchange, allow: Allow) -> None:
+    def _forward(self, ex: Exchange, runtime: RouteRuntime, allow: Allow) -> None:
         ex.auth = allow
-        runtime = ex.route
-        assert runtime is not None
-        if ex.tunnel and not self.codec.tunnel_after_message:
-            ex.tunnel = False
+        if ex.upgrade and not self.codec.tunnel_after_message:
+            ex.upgrade = False
         conn = runtime.pool.take_idle()
         if conn is not None:
-            self._attach(ex, conn)
+            self._attach(ex, runtime, conn)
         else:
-            ex.task = self.loop.create_task(self._connect(ex))
+            ex.state = advance(ex.state, CONNECT)
+            ex.task = self.loop.create_task(self._connect(ex, runtime))
 
-    async def _connect(self, ex: Exchange) -> None:
-        runtime = ex.route
-        assert runtime is not None
+    async def _connect(self, ex: Exchange, runtime: RouteRuntime) -> None:
         try:
             conn = await runtime.pool.connect()
         except UpstreamError as error:
@@ -512,13 +550,11 @@ class ClientConnection(asyncio.Protocol):
             runtime.pool.release(conn)
             return
         try:
-            self._attach(ex, conn)
+            self._attach(ex, runtime, conn)
         except Exception:
             self.internal_error(ex)
 
-    def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
-        runtime = ex.route
-        assert runtime is not None and ex.scanned is not None and ex.auth is not None
+    def _attach(self, ex: Exchange, runtime: RouteRuntime, conn: UpstreamConnection) -> None:
         gw = self.gw
         scanned = ex.scanned
         head = ex.head
@@ -549,19 +585,20 @@ class ClientConnection(asyncio.Protocol):
             forward_authorization=runtime.forward_token or runtime.auth_off,
             drop_names=runtime.drop_names,
             framing=framing,
-            upgrade=b"websocket" if ex.tunnel else None,
+            upgrade=b"websocket" if ex.upgrade else None,
         )
+        ex.state = advance(ex.state, ATTACH)
         try:
             conn.start(ex, upstream_head, head.method == b"HEAD", runtime.response_timeout)
         except UpstreamError as error:
-            # The upstream closed the connection after it was handed out: an idle one may be
-            # retried like any reused connection; a new one is answered 502.
+            # The upstream closed the connection after it was handed out: a pooled one is retried
+            # like any stale keep-alive connection; a new one is answered 502.
             self.upstream_failed(ex, error, conn.reused)
             return
         ex.upstream = conn
         if self.write_paused:
             conn.pause_reading()
-        if scanned.expect_continue and not ex.request_done and head.version == b"1.1":
+        if scanned.expect_continue and not ex.received and head.version == b"1.1":
             self.write(CONTINUE)
         if ex.body_chunks:
             chunks = ex.body_chunks
@@ -569,32 +606,23 @@ class ClientConnection(asyncio.Protocol):
             ex.body_buffered = 0
             for chunk in chunks:
                 conn.send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if scanned.chunked else chunk)
-            ex.body_sent = True
-            self._resume("buffer")
-        if ex.request_done:
+            self.reading.resume("buffer")
+        if ex.received:
             if scanned.chunked:
                 conn.send(b"0\r\n\r\n")
             conn.request_sent()
 
     def upstream_failed(self, ex: Exchange, error: UpstreamError, retryable: bool) -> None:
-        if self.closed or ex.completed:
-            return
         runtime = ex.route
-        assert runtime is not None
-        if (
-            retryable
-            and not ex.retried
-            and not ex.body_sent
-            and not ex.expects_body
-            and ex.head.method in IDEMPOTENT
-        ):
-            # A kept-alive connection the upstream had closed just before our request: try once more
-            # on a fresh connection (RFC 9110 §9.2.2).
+        if self.closed or ex.state == DONE or runtime is None:
+            return  # dropped with its connection, or answered already (only routed ones are forwarded)
+        if may_retry(retryable, ex.retried, ex.expects_body, ex.head.method):
             ex.retried = True
-            ex.task = self.loop.create_task(self._connect(ex))
+            ex.state = advance(ex.state, CONNECT)
+            ex.task = self.loop.create_task(self._connect(ex, runtime))
             return
         self.gw.metrics.upstream_error(runtime.pool.name, error.kind)
-        if ex.response_started:
+        if ex.state >= RESPONDING:
             # Part of the response is out: the only honest signal left is to cut the connection.
             ex.status = ex.status or error.status
             self.abort()
@@ -608,6 +636,7 @@ class ClientConnection(asyncio.Protocol):
         status: int,
         description: str,
         *,
+        must_close: bool = False,
         error: str | None = None,
         www_auth: bytes | None = None,
         retry_after: int | None = None,
@@ -617,9 +646,9 @@ class ClientConnection(asyncio.Protocol):
             ex.upstream.abandon()
             ex.upstream = None
         ex.status = status
-        ex.response_started = True
-        if not ex.request_done or not ex.head.keep_alive or status in (400, 413, 431):
-            ex.keep_alive = False
+        ex.state = advance(ex.state, ANSWER)
+        requested = ex.head.keep_alive and not must_close and status not in CLOSE_AFTER
+        ex.keep_alive = keeps_alive(requested, ex.received, ex.upgrade, False, self.last())
         self.write(
             error_response(
                 status,
@@ -632,21 +661,19 @@ class ClientConnection(asyncio.Protocol):
                 head_only=ex.head.method == b"HEAD",
             )
         )
-        ex.response_done = True
-        self.exchange_done(ex)
+        self.complete(ex)
 
-    def exchange_done(self, ex: Exchange) -> None:
-        """The response is complete; record it and move on to the next request, or close."""
-        if ex.completed:
-            return
-        if not ex.request_done and ex.keep_alive:
-            return  # the rest of the request body is still arriving; on_request_end calls back
-        ex.completed = True
+    def last(self) -> bool:
+        """Whether the current exchange is the last this draining connection answers."""
+        return self.closing and not self.queue and self.deferred_error is None
+
+    def complete(self, ex: Exchange) -> None:
+        """``ex``'s response is out (state DONE): record it, then start the next request, or close."""
         self._record(ex)
         if self.current is ex:
             self.current = None
         if not ex.keep_alive:
-            if not ex.request_done and self.receiving is ex:
+            if self.receiving is ex:
                 self.receiving = None
             self.close()
             return
@@ -655,25 +682,22 @@ class ClientConnection(asyncio.Protocol):
             nxt = self.queue.popleft()
             self.current = nxt
             if not self.queue:
-                self._resume("pipeline")
-            if nxt.request_done or nxt.expects_body:
+                self.reading.resume("pipeline")
+            if self._ready(nxt):
                 # Scheduled, not called: a long pipeline of immediate answers must not recurse.
                 self.loop.call_soon(self._begin_queued, nxt)
         elif self.closing:
-            if self.deferred_error is not None:
-                status, description = self.deferred_error
-                self.write(error_response(status, description, close=True))
-            self.close()
+            self._drained()
         else:
             self.head_started = False
             self._set_deadline(self.gw.config.server.keepalive_timeout, "idle")
 
-    def _begin_queued(self, ex: Exchange) -> None:
-        if not self.closed and self.current is ex and not ex.begun:
-            try:
-                self._begin(ex)
-            except Exception:
-                self.internal_error(ex)
+    def _drained(self) -> None:
+        """A closing connection has answered every request: the deferred error goes last, then close."""
+        if self.deferred_error is not None:
+            status, description = self.deferred_error
+            self.write(error_response(status, description, close=True))
+        self.close()
 
     def internal_error(self, ex: Exchange) -> None:
         """An unexpected exception escaped while serving ``ex``: log it once and end the exchange.
@@ -683,21 +707,21 @@ class ClientConnection(asyncio.Protocol):
         """
         log.exception("internal error while handling a request")
         try:
-            if ex.completed or ex.response_started or self.closed:
+            if ex.state >= RESPONDING or self.closed:
                 self.abort()
-            else:
-                if ex.task is not None and ex.task is not asyncio.current_task():
-                    ex.task.cancel()
-                ex.task = None
-                ex.keep_alive = False
-                self._answer(ex, 500, "internal error")
+                return
+            if ex.task is not None and ex.task is not asyncio.current_task():
+                ex.task.cancel()
+            ex.task = None
+            self._answer(ex, 500, "internal error", must_close=True)
         except Exception:  # answering failed too; the traceback above is the one that matters
             self.abort()
 
     def _record(self, ex: Exchange) -> None:
         gw = self.gw
         duration = self.loop.time() - ex.started
-        label = ex.route.label if ex.route is not None else "-"
+        runtime = ex.route
+        label = runtime.label if runtime is not None else "-"
         gw.metrics.request(label, ex.status, duration)
         if gw.access_log.enabled:
             auth = ex.auth
@@ -708,11 +732,11 @@ class ClientConnection(asyncio.Protocol):
                     "path": ex.path or "-",
                     "status": ex.status,
                     "route": label,
-                    "upstream": ex.route.pool.name if ex.route is not None else None,
+                    "upstream": runtime.pool.name if runtime is not None else None,
                     "duration": round(duration, 6),
-                    "sub": auth.sub if auth is not None else None,
-                    "jti": auth.jti if auth is not None else None,
-                    "auth": ex.deny_reason or ("ok" if auth is not None and auth.sub else "anonymous"),
+                    "sub": auth.sub,
+                    "jti": auth.jti,
+                    "auth": ex.deny_reason or ("ok" if auth.sub else "anonymous"),
                     "bytes_in": ex.body_bytes,
                     "bytes_out": ex.bytes_out,
                     "client": self.client_ip.decode("latin-1"),
@@ -728,7 +752,7 @@ class ClientConnection(asyncio.Protocol):
         body was already streaming.
         """
         self.closing = True
-        self._pause("error")
+        self.reading.pause("error")
         self.gw.metrics.request("-", status, 0.0)
         broken = self.receiving
         self.receiving = None
@@ -740,21 +764,18 @@ class ClientConnection(asyncio.Protocol):
             # The request in flight is itself malformed (its body broke off).
             if current.task is not None:
                 current.task.cancel()
+                current.task = None
             if current.upstream is not None:
                 current.upstream.abandon()
                 current.upstream = None
-            if current.response_started:
+            if current.state >= RESPONDING:
                 self.abort()
                 return
-            current.keep_alive = False
-            current.request_done = True
-            self._answer(current, status, description)
-            return
-        if current is None:
-            self.write(error_response(status, description, close=True))
-            self.close()
+            self._answer(current, status, description, must_close=True)
             return
         self.deferred_error = (status, description)
+        if current is None:
+            self._drained()
 
     def _abandon_all(self) -> None:
         """Drop every exchange of this connection (the client cannot complete its request)."""
@@ -763,6 +784,7 @@ class ClientConnection(asyncio.Protocol):
                 continue
             if ex.task is not None:
                 ex.task.cancel()
+                ex.task = None
             if ex.upstream is not None:
                 ex.upstream.abandon()
                 ex.upstream = None
@@ -792,17 +814,6 @@ class ClientConnection(asyncio.Protocol):
             self.close()
         else:
             self.closing = True
-
-    def _pause(self, reason: str) -> None:
-        if not self.paused and self.transport is not None and not self.closed:
-            self.transport.pause_reading()
-        self.paused.add(reason)
-
-    def _resume(self, reason: str) -> None:
-        if reason in self.paused:
-            self.paused.discard(reason)
-            if not self.paused and self.transport is not None and not self.closed:
-                self.transport.resume_reading()
 
     def _set_deadline(self, delay: float, kind: str) -> None:
         when = self.loop.time() + delay

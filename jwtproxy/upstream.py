@@ -38,7 +38,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from typing import Protocol
+from typing import Protocol, cast
 
 import httptools
 
@@ -140,7 +140,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream connection always gets a full transport; BaseTransport is the declared type.
+        self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -306,9 +307,6 @@ class UpstreamConnection(asyncio.Protocol):
     def request_sent(self) -> None:
         """The whole request body has been written."""
         self._request_done = True
-
-    def tunnel_write(self, data: bytes) -> None:
-        self.send(data)
 
     def pause_reading(self) -> None:
         if not self._paused_reading and self.transport is not None and not self.closed:
