@@ -180,3 +180,235 @@ async def test_fault_while_handling_an_upstream_failure_is_500(make_gateway, mon
     assert raw.startswith(b"HTTP/1.1 500 "), raw
     assert len(internal_errors(caplog)) == 1
     await settle_loop(loop_errors)
+
+
+# -- a connection on a fake transport and a clock the test moves ------------------------------------
+# Timeouts and pipelining are exact here: no sockets, no sleeping. The real-socket tests in
+# test_proxy.py and tests/adversarial prove the same machinery works on a live loop.
+
+
+class MockTransport(asyncio.Transport):
+    """Records what the connection does to its socket: writes, close, abort, pause and resume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+        self.aborted = False
+        self.reading = True
+        self.pauses = 0
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        assert self.reading, "paused twice"
+        self.reading = False
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        assert not self.reading, "resumed while reading"
+        self.reading = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("192.0.2.7", 40000)}.get(name, default)
+
+    def take(self) -> bytes:
+        data = bytes(self.written)
+        self.written.clear()
+        return data
+
+
+class FakeTimer:
+    def __init__(self, when: float, callback: Any) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ClockLoop:
+    """The loop as the connection sees it: the real loop, except that time moves only when told."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.now = 1000.0
+        self.timers: list[FakeTimer] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Any) -> FakeTimer:
+        timer = FakeTimer(when, callback)
+        self.timers.append(timer)
+        return timer
+
+    def call_soon(self, callback: Any, *args: Any) -> Any:
+        return self.loop.call_soon(callback, *args)
+
+    def create_task(self, coro: Any) -> Any:
+        return self.loop.create_task(coro)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        while True:
+            due = [t for t in self.timers if not t.cancelled and t.when <= self.now]
+            if not due:
+                return
+            timer = min(due, key=lambda t: t.when)
+            self.timers.remove(timer)
+            timer.callback()
+
+
+AUTH_A_ONLY = [{"path_prefix": "/a", "upstream": "backend"}]  # /a: 401 without a token; else 404
+OPEN_O = [{"path_prefix": "/o", "upstream": "backend", "auth": "off"}]  # forwarded
+
+
+@pytest.fixture
+def client(parser, jwks_path):
+    """``client(**config)`` -> (connection, transport, clock): a connection answered by the gateway
+    itself (401 and 404 need no upstream)."""
+    from helpers import base_config
+
+    from jwtproxy.config import parse_config
+    from jwtproxy.gateway import Gateway
+
+    def make(**kwargs: Any) -> tuple[ClientConnection, MockTransport, ClockLoop]:
+        kwargs.setdefault("routes", AUTH_A_ONLY)
+        data = base_config(9, parser=parser, jwks_file=jwks_path, **kwargs)
+        conn = ClientConnection(Gateway(parse_config(data, "test.toml")))
+        clock = ClockLoop(conn.loop)
+        conn.loop = clock
+        transport = MockTransport()
+        conn.connection_made(transport)
+        return conn, transport, clock
+
+    return make
+
+
+async def run_callbacks() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_header_timeout_is_exact(client):
+    conn, transport, clock = client(server={"header_timeout": 2.0})
+    conn.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    clock.advance(1.999)
+    assert not transport.closed
+    conn.data_received(b"aaa")  # more bytes of the same head do not extend the deadline
+    clock.advance(0.002)
+    assert transport.closed
+    assert transport.take().startswith(b"HTTP/1.1 408 ")
+
+
+async def test_idle_connection_closes_at_keepalive_timeout_without_a_408(client):
+    conn, transport, clock = client(server={"keepalive_timeout": 5.0, "header_timeout": 1.0})
+    conn.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.take().startswith(b"HTTP/1.1 401 ")
+    clock.advance(4.999)
+    assert not transport.closed
+    clock.advance(0.002)
+    assert transport.closed
+    assert transport.take() == b""  # an idle connection is closed silently
+
+
+async def test_head_timeout_rearms_when_an_idle_connection_starts_a_head(client):
+    conn, transport, clock = client(server={"keepalive_timeout": 5.0, "header_timeout": 1.0})
+    conn.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    transport.take()
+    clock.advance(0.5)
+    conn.data_received(b"GET /a HTTP/1.1\r\n")  # header_timeout now counts from here
+    clock.advance(0.999)
+    assert not transport.closed
+    clock.advance(0.002)
+    assert transport.closed
+    assert transport.take().startswith(b"HTTP/1.1 408 ")
+
+
+async def test_no_timer_fires_while_a_request_is_answered_in_time(client):
+    conn, transport, clock = client(server={"keepalive_timeout": 5.0, "header_timeout": 1.0})
+    for _ in range(4):
+        clock.advance(0.9)
+        conn.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert transport.take().startswith(b"HTTP/1.1 401 ")
+    assert not transport.closed
+
+
+async def test_pipelined_requests_are_answered_in_order_with_reading_paused_meanwhile(client, monkeypatch):
+    """The first request waits for an upstream connection; the ones behind it wait their turn."""
+    from jwtproxy.upstream import UpstreamError
+
+    refused = asyncio.get_running_loop().create_future()
+
+    async def connect_when_told(self: UpstreamPool) -> Any:
+        await refused
+        raise UpstreamError("connect", 502, "upstream connection refused")
+
+    monkeypatch.setattr(UpstreamPool, "connect", connect_when_told)
+    conn, transport, clock = client(routes=AUTH_A_ONLY + OPEN_O)
+    wire = b"".join(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % p for p in (b"o", b"a", b"b", b"a"))
+    conn.data_received(wire)
+    await run_callbacks()
+    assert transport.take() == b""  # nothing may overtake the first answer
+    assert not transport.reading and len(conn.queue) == 3
+    refused.set_result(None)
+    await run_callbacks()
+    statuses = [status for status, _, _ in parse_responses(transport.take())]
+    assert statuses == [502, 401, 404, 401]
+    assert transport.reading and transport.pauses == 1
+    assert not transport.closed and conn.current is None and not conn.queue
+
+
+async def test_protocol_error_after_pipelined_requests_is_the_last_answer(client):
+    conn, transport, clock = client()
+    conn.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\nGET /\x01 HTTP/1.1\r\n\r\n")
+    await run_callbacks()
+    statuses = [status for status, _, _ in parse_responses(transport.take())]
+    assert statuses == [401, 404, 400]
+    assert transport.closed
+
+
+async def test_refused_upgrade_closes_the_connection(client):
+    """What follows an upgrade request is not HTTP, so a 401 to one is the connection's last answer."""
+    conn, transport, clock = client()
+    conn.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+    raw = transport.take()
+    assert raw.startswith(b"HTTP/1.1 401 ")
+    assert b"connection: close" in raw.lower()
+    assert transport.closed
+
+
+async def test_draining_connection_says_close_on_its_last_answer(client, monkeypatch):
+    from jwtproxy.upstream import UpstreamError
+
+    refused = asyncio.get_running_loop().create_future()
+
+    async def connect_when_told(self: UpstreamPool) -> Any:
+        await refused
+        raise UpstreamError("connect", 502, "upstream connection refused")
+
+    monkeypatch.setattr(UpstreamPool, "connect", connect_when_told)
+    conn, transport, clock = client(routes=AUTH_A_ONLY + OPEN_O)
+    conn.data_received(b"GET /o HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.shutdown()  # both requests are in: both are answered, then the connection closes
+    assert not transport.closed
+    refused.set_result(None)
+    await run_callbacks()
+    responses = parse_responses(transport.take())
+    assert [status for status, _, _ in responses] == [502, 404]
+    assert "connection" not in responses[0][1]  # the first is kept alive for the second
+    assert responses[1][1].get("connection") == "close"
+    assert transport.closed

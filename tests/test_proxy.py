@@ -163,14 +163,15 @@ async def test_expect_100_continue(make_gateway, backend):
 
 async def test_head_204_304_have_no_body(make_gateway, backend):
     gw = await open_gateway(make_gateway)
-    raw = await raw_exchange(
-        gw.port,
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
         b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\nGET /status/204 HTTP/1.1\r\nHost: x\r\n\r\n"
-        b"GET /status/304 HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\n\r\n",
-        read_timeout=3,
-        until_close=False,
-        responses=99,
+        b"GET /status/304 HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\n\r\n"
     )
+    # The last response is the only one with a body; a body on any of the first three would show
+    # up as bytes before its successor's head.
+    raw = await asyncio.wait_for(reader.readuntil(b'"path": "/after"'), 5)
+    writer.close()
     heads = raw.split(b"\r\n\r\n")
     assert heads[0].startswith(b"HTTP/1.1 200")  # HEAD: head only, next response follows directly
     assert heads[1].startswith(b"HTTP/1.1 204")
@@ -179,15 +180,8 @@ async def test_head_204_304_have_no_body(make_gateway, backend):
     assert b'"path": "/after"' in heads[4]
 
 
-async def test_header_timeout_closes_slowloris(make_gateway, backend):
-    gw = await open_gateway(make_gateway, server={"header_timeout": 0.3})
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-    data = await asyncio.wait_for(reader.read(), 5)
-    assert data.startswith(b"HTTP/1.1 408")
-    writer.close()
-
-
+# The timers' exact behaviour is tested on a fake transport and clock (test_connection.py); this
+# proves the real loop closes the socket, and test_adv_faults' slowloris test the header timeout.
 async def test_keepalive_timeout_closes_idle_connection(make_gateway, backend):
     gw = await open_gateway(make_gateway, server={"keepalive_timeout": 0.3})
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
@@ -325,7 +319,7 @@ async def test_upstream_refused_is_502_and_timeout_is_504(make_gateway, backend)
     raw = await raw_exchange(gw.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert parse_responses(raw)[0][0] == 502
     slow = await open_gateway(make_gateway, upstream={"response_timeout": 0.3})
-    raw = await raw_exchange(slow.port, b"GET /slow/2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    raw = await raw_exchange(slow.port, b"GET /slow/1 HTTP/1.1\r\nHost: x\r\n\r\n")
     assert parse_responses(raw)[0][0] == 504
 
 
