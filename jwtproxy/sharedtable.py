@@ -81,6 +81,9 @@ INFINITY: Final = math.inf
 # holder needs microseconds), later ones back off so a stopped holder does not cost a busy core.
 _RETRY_PAUSES: Final = (0.0, 0.0, 0.0, 0.00001, 0.0001, 0.001)
 _BUSY_ERRNOS: Final = (errno.EAGAIN, errno.EACCES)
+_lockf: Final = fcntl.lockf
+_EXCLUSIVE_NOWAIT: Final = fcntl.LOCK_EX | fcntl.LOCK_NB
+_UNLOCK: Final = fcntl.LOCK_UN
 
 
 class SharedTableBusy(RuntimeError):
@@ -165,17 +168,30 @@ class SharedTable:
         return digest, bucket * self._bucket_bytes, bucket % self.stripes
 
     def _lock(self, stripe: int) -> None:
+        if not self._thread_lock.acquire(False):
+            self._lock_slowly(stripe)
+        else:
+            try:
+                _lockf(self._fd, _EXCLUSIVE_NOWAIT, 1, stripe)
+            except OSError as exc:
+                self._stripe_busy(stripe, exc)
+
+    def _lock_slowly(self, stripe: int) -> None:
+        """Take the stripe when another thread of this process holds the thread lock."""
         if not self._thread_lock.acquire(timeout=self.lock_timeout):
             raise SharedTableBusy(f"table locked by another thread for more than "
                                   f"{self.lock_timeout} s")
         try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, stripe)
-            return
+            _lockf(self._fd, _EXCLUSIVE_NOWAIT, 1, stripe)
         except OSError as exc:
-            if exc.errno not in _BUSY_ERRNOS:
-                self._thread_lock.release()
-                raise
+            self._stripe_busy(stripe, exc)
+
+    def _stripe_busy(self, stripe: int, exc: OSError) -> None:
+        """The thread lock is held and the record lock was not free: wait for it (bounded), or
+        release the thread lock and raise."""
         try:
+            if exc.errno not in _BUSY_ERRNOS:
+                raise exc
             self._wait_for(stripe)
         except BaseException:
             self._thread_lock.release()
@@ -188,7 +204,7 @@ class SharedTable:
             time.sleep(_RETRY_PAUSES[min(attempt, len(_RETRY_PAUSES) - 1)])
             attempt += 1
             try:
-                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, stripe)
+                _lockf(self._fd, _EXCLUSIVE_NOWAIT, 1, stripe)
                 return
             except OSError as exc:
                 if exc.errno not in _BUSY_ERRNOS:
@@ -199,7 +215,7 @@ class SharedTable:
 
     def _unlock(self, stripe: int) -> None:
         try:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, stripe)
+            _lockf(self._fd, _UNLOCK, 1, stripe)
         finally:
             self._thread_lock.release()
 
@@ -247,16 +263,35 @@ class SharedTable:
 
     # -- operations --------------------------------------------------------------------------
 
+    # get, insert_if_absent and update run on the request path: they take the stripe's locks and
+    # search the bucket inline (the fast path of _lock/_find/_live), each call saved being ~0.1 µs
+    # of a ~2-3 µs operation. The slow path (a busy stripe) goes through _lock_slowly.
+
     def get(self, key: bytes, now: float) -> tuple[float, ...] | None:
         """The values of ``key`` if it is present and not expired."""
-        digest, base, stripe = self._locate(key)
-        self._lock(stripe)
+        digest = _blake2b(self._salt + key, digest_size=DIGEST_BYTES).digest()
+        bucket = int.from_bytes(digest[:8], "little") % self._buckets
+        base = bucket * self._bucket_bytes
+        stripe = bucket % self.stripes
+        if not self._thread_lock.acquire(False):
+            self._lock_slowly(stripe)
+        else:
+            try:
+                _lockf(self._fd, _EXCLUSIVE_NOWAIT, 1, stripe)
+            except OSError as exc:
+                self._stripe_busy(stripe, exc)
         try:
-            way = self._find(base, digest)
-            record = self._live(base, way, now) if way >= 0 else None
+            mapping, end = self._map, base + KEYS_BYTES
+            pos = mapping.find(digest, base, end)
+            while pos >= 0 and (pos - base) % DIGEST_BYTES:
+                pos = mapping.find(digest, pos + 1, end)
+            if pos < 0:
+                return None
+            record = self._record.unpack_from(
+                mapping, end + (pos - base) // DIGEST_BYTES * self._record.size)
         finally:
             self._unlock(stripe)
-        return None if record is None else record[1:]
+        return record[1:] if record[0] > now else None
 
     def expires(self, key: bytes, now: float) -> float | None:
         """When ``key`` expires, if it is present and not expired."""
@@ -275,15 +310,30 @@ class SharedTable:
         (and is now stored), False if a live entry exists (which is left as it is).
 
         A DPoP proof's ``jti`` is single-use this way: the first worker to insert it wins."""
-        digest, base, stripe = self._locate(key)
-        self._lock(stripe)
+        digest = _blake2b(self._salt + key, digest_size=DIGEST_BYTES).digest()
+        bucket = int.from_bytes(digest[:8], "little") % self._buckets
+        base = bucket * self._bucket_bytes
+        stripe = bucket % self.stripes
+        if not self._thread_lock.acquire(False):
+            self._lock_slowly(stripe)
+        else:
+            try:
+                _lockf(self._fd, _EXCLUSIVE_NOWAIT, 1, stripe)
+            except OSError as exc:
+                self._stripe_busy(stripe, exc)
         try:
-            way = self._find(base, digest)
-            if way >= 0 and self._live(base, way, now) is not None:
-                return False
-            if way < 0:
+            mapping, end = self._map, base + KEYS_BYTES
+            pos = mapping.find(digest, base, end)
+            while pos >= 0 and (pos - base) % DIGEST_BYTES:
+                pos = mapping.find(digest, pos + 1, end)
+            if pos >= 0:
+                way = (pos - base) // DIGEST_BYTES
+                if self._record.unpack_from(mapping, end + way * self._record.size)[0] > now:
+                    return False
+            else:
                 way = self._claim(base, digest, now)
-            self._write(base, way, expires, values if values is not None else self._zero_values)
+            self._record.pack_into(mapping, end + way * self._record.size, expires,
+                                   *(values if values is not None else self._zero_values))
             return True
         finally:
             self._unlock(stripe)
@@ -302,23 +352,42 @@ class SharedTable:
 
     def update(
         self, key: bytes, now: float,
-        fn: Callable[[tuple[float, ...] | None], tuple[tuple[float, ...] | None, float, T]],
+        fn: Callable[[tuple[float, ...] | None, float], tuple[tuple[float, ...] | None, float, T]],
     ) -> T:
         """Atomic read-modify-write of ``key`` across all processes.
 
-        ``fn(current)`` gets the live values (or None) and returns ``(new_values, expires,
-        result)``: ``new_values`` None leaves the slot as it is; otherwise they are stored until
-        ``expires``. ``result`` is returned. ``fn`` runs under the stripe lock: keep it short."""
-        digest, base, stripe = self._locate(key)
-        self._lock(stripe)
+        ``fn(current, now)`` gets the live values (or None) and ``now``, and returns
+        ``(new_values, expires, result)``: ``new_values`` None leaves the slot as it is; otherwise
+        they are stored until ``expires``. ``result`` is returned. ``fn`` runs under the stripe
+        lock: keep it short."""
+        digest = _blake2b(self._salt + key, digest_size=DIGEST_BYTES).digest()
+        bucket = int.from_bytes(digest[:8], "little") % self._buckets
+        base = bucket * self._bucket_bytes
+        stripe = bucket % self.stripes
+        if not self._thread_lock.acquire(False):
+            self._lock_slowly(stripe)
+        else:
+            try:
+                _lockf(self._fd, _EXCLUSIVE_NOWAIT, 1, stripe)
+            except OSError as exc:
+                self._stripe_busy(stripe, exc)
         try:
-            way = self._find(base, digest)
-            record = self._live(base, way, now) if way >= 0 else None
-            new_values, expires, result = fn(None if record is None else record[1:])
+            mapping, end, record_struct = self._map, base + KEYS_BYTES, self._record
+            pos = mapping.find(digest, base, end)
+            while pos >= 0 and (pos - base) % DIGEST_BYTES:
+                pos = mapping.find(digest, pos + 1, end)
+            if pos >= 0:
+                way = (pos - base) // DIGEST_BYTES
+                record = record_struct.unpack_from(mapping, end + way * record_struct.size)
+                new_values, expires, result = fn(record[1:] if record[0] > now else None, now)
+            else:
+                way = -1
+                new_values, expires, result = fn(None, now)
             if new_values is not None:
                 if way < 0:
                     way = self._claim(base, digest, now)
-                self._write(base, way, expires, new_values)
+                record_struct.pack_into(mapping, end + way * record_struct.size, expires,
+                                        *new_values)
             return result
         finally:
             self._unlock(stripe)

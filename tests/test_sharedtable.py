@@ -59,24 +59,24 @@ def test_update_is_a_read_modify_write_and_none_leaves_the_slot() -> None:
     table = SharedTable(64, values=1)
     seen: list[tuple[float, ...] | None] = []
 
-    def bump(current: tuple[float, ...] | None) -> tuple[tuple[float, ...] | None, float, float]:
+    def bump(current: tuple[float, ...] | None, now: float) -> tuple[tuple[float, ...] | None, float, float]:
         seen.append(current)
         value = (current[0] if current else 0.0) + 1
-        return (value,), NOW + 5, value
+        return (value,), now + 5, value
 
     assert table.update(b"k", NOW, bump) == 1
     assert table.update(b"k", NOW, bump) == 2
     assert seen == [None, (1.0,)]
-    assert table.update(b"k", NOW, lambda cur: (None, 0.0, "kept")) == "kept"
+    assert table.update(b"k", NOW, lambda cur, now: (None, 0.0, "kept")) == "kept"
     assert table.get(b"k", NOW) == (2.0,)
-    assert table.update(b"absent", NOW, lambda cur: (None, 0.0, cur)) is None
+    assert table.update(b"absent", NOW, lambda cur, now: (None, 0.0, cur)) is None
     assert table.get(b"absent", NOW) is None
 
 
 def test_update_releases_the_lock_when_fn_raises() -> None:
     table = SharedTable(8, values=1, stripes=1, lock_timeout=0.1)
 
-    def boom(current: tuple[float, ...] | None) -> tuple[tuple[float, ...] | None, float, None]:
+    def boom(current: tuple[float, ...] | None, now: float) -> tuple[tuple[float, ...] | None, float, None]:
         raise ValueError("boom")
 
     with pytest.raises(ValueError):
@@ -165,7 +165,7 @@ def _try_put_expect_busy(table: SharedTable) -> None:
 
 
 def _increment(index: int, table: SharedTable, keys: int, rounds: int) -> None:
-    def plus_one(current: tuple[float, ...] | None) -> tuple[tuple[float, ...], float, None]:
+    def plus_one(current: tuple[float, ...] | None, now: float) -> tuple[tuple[float, ...], float, None]:
         return ((current[0] if current else 0.0) + 1,), math.inf, None
 
     for r in range(rounds):
