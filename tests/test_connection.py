@@ -280,15 +280,12 @@ OPEN_O = [{"path_prefix": "/o", "upstream": "backend", "auth": "off"}]  # forwar
 def client(parser, jwks_path):
     """``client(**config)`` -> (connection, transport, clock): a connection answered by the gateway
     itself (401 and 404 need no upstream)."""
-    from helpers import base_config
-
-    from jwtproxy.config import parse_config
-    from jwtproxy.gateway import Gateway
+    from helpers import RunningGateway, base_config
 
     def make(**kwargs: Any) -> tuple[ClientConnection, MockTransport, ClockLoop]:
         kwargs.setdefault("routes", AUTH_A_ONLY)
         data = base_config(9, parser=parser, jwks_file=jwks_path, **kwargs)
-        conn = ClientConnection(Gateway(parse_config(data, "test.toml")))
+        conn = ClientConnection(RunningGateway(data).gateway)  # built as the daemon builds it, not started
         clock = ClockLoop(conn.loop)
         conn.loop = clock
         transport = MockTransport()
