@@ -99,6 +99,9 @@ def _memory_file(size: int) -> int:
         os.unlink(path)
     try:
         os.ftruncate(fd, size)
+        # Allocate the pages now, in the supervisor, rather than one page fault at a time on the
+        # request path of whichever worker touches a page first.
+        os.posix_fallocate(fd, 0, size)
     except BaseException:
         os.close(fd)
         raise
@@ -239,7 +242,14 @@ class SharedTable:
 
     def _claim(self, base: int, digest: bytes, now: float) -> int:
         """A way for a new key: an empty or expired slot, else the one expiring first."""
-        records = self._records.unpack_from(self._map, base + KEYS_BYTES)
+        mapping, end = self._map, base + KEYS_BYTES
+        pos = mapping.find(EMPTY, base, end)  # a never used or freed slot: found in C
+        while pos >= 0 and (pos - base) % DIGEST_BYTES:
+            pos = mapping.find(EMPTY, pos + 1, end)
+        if pos >= 0:
+            mapping[pos:pos + DIGEST_BYTES] = digest
+            return (pos - base) // DIGEST_BYTES
+        records = self._records.unpack_from(mapping, end)
         stride = 1 + self.values
         victim, soonest = 0, INFINITY
         for way in range(WAYS):
