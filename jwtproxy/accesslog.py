@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any, Mapping, TextIO
 
-__all__ = ["AccessLog", "log_event", "check_field_names", "FORBIDDEN_FIELDS", "iso_utc"]
+__all__ = ["AccessLog", "log_event", "check_field_names", "echo", "FORBIDDEN_FIELDS", "iso_utc"]
 
 #: Field names that may carry credentials. Matched case-insensitively, also as a suffix
 #: after ``_`` (``access_token``, ``hs_secret``), with ``-`` treated as ``_``.
@@ -33,6 +33,13 @@ _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=st
 # ISO8601 rendering is the costly part of a log line; the whole-second prefix changes once a
 # second, so it is cached and only the milliseconds are formatted per line.
 _iso_cache: list[Any] = [-1, ""]
+
+
+def echo(value: object, limit: int) -> str:
+    """A remote value quoted for a log line or an error message: ``repr()`` (quotes, control
+    characters escaped), cut after ``limit`` characters. Never pass a token or a secret."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def iso_utc(t: float) -> str:

@@ -21,7 +21,6 @@ Everything here is synchronous and reads the clock only through the ``now`` it i
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,7 +31,8 @@ from jwtproxy.config import Config, RouteConfig, TokenSource
 from jwtproxy.identity import render_identity_headers
 from jwtproxy.jose import TokenRejected
 from jwtproxy.responses import www_authenticate
-from jwtproxy.tokencache import TokenCache
+from jwtproxy.revocation import IsRevoked
+from jwtproxy.tokencache import TokenCache, cache_key
 from jwtproxy.verifier import KeysNotLoaded, TokenVerifier, UnknownKid, Verified
 
 __all__ = ["Allow", "AmbiguousToken", "AuthStage", "CachedToken", "Deny", "Pending", "RouteRules", "extract_token"]
@@ -119,7 +119,7 @@ class CachedToken:
 class RouteRules:
     """What one route demands, compiled once per config."""
 
-    __slots__ = ("auth", "issuers", "scopes", "scope_text", "claims", "insufficient")
+    __slots__ = ("auth", "issuers", "scopes", "scope_text", "claims")
 
     def __init__(self, route: RouteConfig) -> None:
         self.auth = route.auth
@@ -158,8 +158,8 @@ class AuthStage:
         self,
         config: Config,
         verifier: TokenVerifier,
-        cache: TokenCache,
-        is_revoked: Callable[[str | None, str | None, float | None, float], bool],
+        cache: TokenCache[CachedToken],
+        is_revoked: IsRevoked,
         refetch_unknown_kid: Callable[[str], asyncio.Future[bool]],
         on_cache: Callable[[str], None] | None = None,
     ) -> None:
@@ -176,7 +176,7 @@ class AuthStage:
             return ANONYMOUS if rules.auth == "optional" else MISSING_TOKEN
         if len(token) > self.max_bytes:
             return invalid_token("token_too_large", "token too large")
-        key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        key = cache_key(token)
         entry = self.cache.get(key, now)
         if entry is None:
             if self.on_cache is not None:

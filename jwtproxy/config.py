@@ -45,13 +45,15 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from jwtproxy.algorithms import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, KNOWN_ALGORITHMS
+from jwtproxy.routing import BadRequest, normalise_path
+
 __all__ = [
     "AdminConfig",
     "Config",
     "ConfigError",
     "DEFAULT_ALGORITHMS",
     "DEFAULT_CLAIMS_TO_HEADERS",
-    "HS_ALGORITHMS",
     "IssuerConfig",
     "KNOWN_ALGORITHMS",
     "ListenAddr",
@@ -70,15 +72,8 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 # Constants shared with other modules
 
-KNOWN_ALGORITHMS: Final[tuple[str, ...]] = (
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
-    "ES256", "ES384", "ES512", "EdDSA", "Ed25519",
-    "HS256", "HS384", "HS512",
-)  # fmt: skip
-HS_ALGORITHMS: Final[frozenset[str]] = frozenset({"HS256", "HS384", "HS512"})
-# SPEC §3: the default allowlist is every asymmetric algorithm; HS* must be asked for explicitly
-# because it only works together with hs_secret.
-DEFAULT_ALGORITHMS: Final[tuple[str, ...]] = tuple(a for a in KNOWN_ALGORITHMS if a not in HS_ALGORITHMS)
+# KNOWN_ALGORITHMS and DEFAULT_ALGORITHMS (every asymmetric algorithm; HS* must be asked for,
+# because it only works together with hs_secret) come from jwtproxy.algorithms, the one table.
 # RFC 7518 §3.2: an HMAC key must be at least as long as the hash output; 32 bytes covers HS256 and is
 # the floor SPEC §3 sets for every HS algorithm.
 MIN_HS_SECRET_BYTES: Final = 32
@@ -888,7 +883,7 @@ def _parse_issuer(t: _Table, names: dict[str, str], issuer_values: dict[str, str
     typ = t.strings("typ", d.typ)
 
     hs_secret = t.secret("hs_secret").encode("utf-8")
-    hs_wanted = [a for a in algorithms if a in HS_ALGORITHMS]
+    hs_wanted = [a for a in algorithms if a in HMAC_ALGORITHMS]
     if t.ok("hs_secret"):
         if hs_wanted and not hs_secret:
             t.fail("algorithms", f"{', '.join(hs_wanted)} needs hs_secret")
@@ -1098,8 +1093,6 @@ def _check_path_prefix(prefix: str) -> str | None:
         return "must be a plain path: no query, fragment, spaces or control characters"
     if "//" in prefix or any(seg in (".", "..") for seg in prefix.split("/")):
         return "must be a normalised path: no '//', '.' or '..' segments"
-    from jwtproxy.routing import BadRequest, normalise_path  # routing imports this module's types
-
     try:
         normal = normalise_path(prefix)
     except BadRequest as exc:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jwtproxy.accesslog import AccessLog
-from jwtproxy.auth import AuthStage, RouteRules
+from jwtproxy.auth import AuthStage, CachedToken, RouteRules
 from jwtproxy.config import Config, RouteConfig
 from jwtproxy.connection import ClientConnection
 from jwtproxy.headerpolicy import HeaderPolicy
@@ -110,7 +110,7 @@ class Gateway:
             self.routes[id(route)] = RouteRuntime(route, self.pools[route.upstream], frozenset(drop))
         self.token_sources = config.token.sources
         self.verifier = verifier
-        self.cache = TokenCache(config.token.cache_size)
+        self.cache: TokenCache[CachedToken] = TokenCache(config.token.cache_size)
         self.auth = AuthStage(
             config,
             verifier,

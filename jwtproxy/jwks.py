@@ -67,7 +67,7 @@ import aiohttp
 from yarl import URL
 
 from jwtproxy import __version__
-from jwtproxy.accesslog import log_event
+from jwtproxy.accesslog import echo, log_event
 from jwtproxy.config import IssuerConfig
 from jwtproxy.keys import KeySet, keyset_from_jwks
 
@@ -129,11 +129,6 @@ def cache_max_age(cache_control: str | None) -> float | None:
     return None
 
 
-def _echo(value: object) -> str:
-    """repr() of a remote value for a log line: quoted, control characters escaped, truncated."""
-    text = repr(value)
-    return text if len(text) <= _MAX_ECHO else text[:_MAX_ECHO] + "..."
-
 
 def _json_object(body: bytes, what: str) -> dict[str, Any]:
     try:
@@ -149,10 +144,10 @@ def _json_object(body: bytes, what: str) -> dict[str, Any]:
 
 def _check_scheme(previous: URL, target: URL, what: str) -> None:
     if target.scheme not in ("http", "https") or not target.host:
-        raise FetchError(f"{what} {_echo(str(target))} is not an absolute http(s) URL")
+        raise FetchError(f"{what} {echo(str(target), _MAX_ECHO)} is not an absolute http(s) URL")
     if previous.scheme == "https" and target.scheme != "https":
         # Keys fetched over plain HTTP could be swapped by anyone on the path.
-        raise FetchError(f"{what} {_echo(str(target))} would downgrade https to http")
+        raise FetchError(f"{what} {echo(str(target), _MAX_ECHO)} would downgrade https to http")
 
 
 def _kids(keyset: KeySet) -> list[str]:
@@ -464,8 +459,8 @@ class KeyManager:
         issuer = metadata.get("issuer")
         if issuer != st.cfg.issuer:
             raise FetchError(
-                f"discovery issuer {_echo(issuer)} does not equal the configured issuer "
-                f"{_echo(st.cfg.issuer)} (RFC 8414 §3.3)"
+                f"discovery issuer {echo(issuer, _MAX_ECHO)} does not equal the configured issuer "
+                f"{echo(st.cfg.issuer, _MAX_ECHO)} (RFC 8414 §3.3)"
             )
         jwks_uri = metadata.get("jwks_uri")
         if not isinstance(jwks_uri, str) or not jwks_uri:
@@ -473,10 +468,10 @@ class KeyManager:
         try:
             target = URL(jwks_uri)
         except ValueError:
-            raise FetchError(f"discovery jwks_uri {_echo(jwks_uri)} is not a URL") from None
+            raise FetchError(f"discovery jwks_uri {echo(jwks_uri, _MAX_ECHO)} is not a URL") from None
         _check_scheme(url, target, "discovery jwks_uri")
         # The log line names the discovery URL; the reason names the jwks_uri it led to.
-        return await self._fetch_jwks(target, f"JWKS at {_echo(jwks_uri)}")
+        return await self._fetch_jwks(target, f"JWKS at {echo(jwks_uri, _MAX_ECHO)}")
 
     async def _fetch_jwks(self, url: URL, what: str = "JWKS") -> tuple[dict[str, Any], float | None]:
         document, headers = await self._get_json(url, what)
@@ -501,7 +496,7 @@ class KeyManager:
                             try:
                                 following = target.join(URL(location))
                             except ValueError:
-                                raise FetchError(f"bad redirect Location {_echo(location)}") from None
+                                raise FetchError(f"bad redirect Location {echo(location, _MAX_ECHO)}") from None
                             _check_scheme(target, following, "redirect to")
                             target = following
                             continue

@@ -43,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -52,6 +52,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from jwtproxy.accesslog import echo
+from jwtproxy.algorithms import ASYMMETRIC_ALGORITHMS, EC_ALGORITHMS, HMAC_ALGORITHMS, OKP_ALGORITHMS, RSA_ALGORITHMS
 from jwtproxy.jose import b64url_decode
 
 if TYPE_CHECKING:
@@ -73,22 +75,23 @@ __all__ = [
 Log = Callable[[str], None]
 
 MIN_RSA_BITS: Final = 2048
-RSA_ALGORITHMS: Final = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
-# alg -> (curve name in JWK, cryptography curve, coordinate bytes, hash)
-EC_ALGORITHMS: Final[dict[str, tuple[str, ec.EllipticCurve, int, type[hashes.HashAlgorithm]]]] = {
-    "ES256": ("P-256", ec.SECP256R1(), 32, hashes.SHA256),
-    "ES384": ("P-384", ec.SECP384R1(), 48, hashes.SHA384),
-    "ES512": ("P-521", ec.SECP521R1(), 66, hashes.SHA512),
-}
-EC_CURVES: Final = {crv: alg for alg, (crv, _, _, _) in EC_ALGORITHMS.items()}
-OKP_ALGORITHMS: Final = frozenset({"EdDSA", "Ed25519"})
-HMAC_ALGORITHMS: Final[dict[str, str]] = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
-ASYMMETRIC_ALGORITHMS: Final = RSA_ALGORITHMS | frozenset(EC_ALGORITHMS) | OKP_ALGORITHMS
+_RSA_FITS: Final = frozenset(RSA_ALGORITHMS)
+_OKP_FITS: Final = frozenset(OKP_ALGORITHMS)
 _HASHES: Final[dict[str, type[hashes.HashAlgorithm]]] = {
-    "256": hashes.SHA256,
-    "384": hashes.SHA384,
-    "512": hashes.SHA512,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
 }
+_CURVES: Final[dict[str, ec.EllipticCurve]] = {
+    "P-256": ec.SECP256R1(),
+    "P-384": ec.SECP384R1(),
+    "P-521": ec.SECP521R1(),
+}
+# alg -> (cryptography curve, coordinate bytes, hash), built from the one algorithm table.
+_EC: Final[dict[str, tuple[ec.EllipticCurve, int, type[hashes.HashAlgorithm]]]] = {
+    alg: (_CURVES[crv], size, _HASHES[digest]) for alg, (crv, size, digest) in EC_ALGORITHMS.items()
+}
+_EC_BY_CURVE: Final = {crv: alg for alg, (crv, _, _) in EC_ALGORITHMS.items()}
 # Curve orders, for the explicit 1 <= r, s < n check.
 _EC_ORDER: Final = {
     "ES256": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
@@ -102,7 +105,7 @@ _EC_ORDER: Final = {
     ),
 }
 PRIVATE_MEMBERS: Final = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
-_MAX_ECHO: Final = 80
+_MAX_ECHO: Final = 80  # characters of a JWK member quoted in a "key skipped" line
 
 
 # ------------------------------------------------------------------------------- verifiers
@@ -139,7 +142,7 @@ class RSAVerifier(SignatureVerifier):
     def __init__(self, kid: str | None, alg: str, key: rsa.RSAPublicKey) -> None:
         super().__init__(kid, alg, _spki(key))
         self._key = key
-        hash_cls = _HASHES[alg[2:]]
+        hash_cls = _HASHES["sha" + alg[2:]]
         self._hash = hash_cls()
         self._padding: padding.AsymmetricPadding = (
             padding.PKCS1v15()
@@ -165,7 +168,7 @@ class ECDSAVerifier(SignatureVerifier):
 
     def __init__(self, kid: str | None, alg: str, key: ec.EllipticCurvePublicKey) -> None:
         super().__init__(kid, alg, _spki(key))
-        _, _, size, hash_cls = EC_ALGORITHMS[alg]
+        _, size, hash_cls = _EC[alg]
         self._key = key
         self._algo = ec.ECDSA(hash_cls())
         self._half = size
@@ -325,7 +328,7 @@ def _rsa_key(jwk: dict[str, Any]) -> rsa.RSAPublicKey:
 
 
 def _ec_key(jwk: dict[str, Any], alg: str) -> ec.EllipticCurvePublicKey:
-    _, curve, size, _ = EC_ALGORITHMS[alg]
+    curve, size, _ = _EC[alg]
     x, y = _b64(jwk, "x"), _b64(jwk, "y")
     if len(x) != size or len(y) != size:
         raise _Skip(f"EC coordinates must be {size} bytes for {jwk.get('crv')}")
@@ -335,10 +338,6 @@ def _ec_key(jwk: dict[str, Any], alg: str) -> ec.EllipticCurvePublicKey:
     except ValueError:
         raise _Skip("EC point is not on the curve") from None
 
-
-def _echo(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= _MAX_ECHO else text[:_MAX_ECHO] + "..."
 
 
 def _import_jwk(jwk: Any, allowed: frozenset[str]) -> list[SignatureVerifier]:
@@ -351,7 +350,7 @@ def _import_jwk(jwk: Any, allowed: frozenset[str]) -> list[SignatureVerifier]:
     if kty == "oct":
         raise _Skip("symmetric (oct) keys are never taken from a JWKS; HMAC keys come from hs_secret")
     if kty not in ("RSA", "EC", "OKP"):
-        raise _Skip(f"unsupported kty {_echo(kty)}")
+        raise _Skip(f"unsupported kty {echo(kty, _MAX_ECHO)}")
     private = [m for m in PRIVATE_MEMBERS if m in jwk]
     if private:
         raise _Skip(f"holds private key members ({', '.join(private)}); a public JWKS must not")
@@ -360,7 +359,7 @@ def _import_jwk(jwk: Any, allowed: frozenset[str]) -> list[SignatureVerifier]:
         raise _Skip("'kid' is not a string")
     use = jwk.get("use")
     if use is not None and use != "sig":
-        raise _Skip(f"'use' is {_echo(use)}, not 'sig'")
+        raise _Skip(f"'use' is {echo(use, _MAX_ECHO)}, not 'sig'")
     ops = jwk.get("key_ops")
     if ops is not None and (not isinstance(ops, list) or "verify" not in ops or not all(isinstance(o, str) for o in ops)):
         raise _Skip("'key_ops' does not include 'verify'")
@@ -369,22 +368,22 @@ def _import_jwk(jwk: Any, allowed: frozenset[str]) -> list[SignatureVerifier]:
         if not isinstance(pinned, str):
             raise _Skip("'alg' is not a string")
         if pinned not in ASYMMETRIC_ALGORITHMS:
-            raise _Skip(f"unsupported alg {_echo(pinned)}")
+            raise _Skip(f"unsupported alg {echo(pinned, _MAX_ECHO)}")
         if pinned not in allowed:
             raise _Skip(f"alg {pinned} is not in the issuer's algorithms")
 
     if kty == "RSA":
-        fits = RSA_ALGORITHMS
+        fits = _RSA_FITS
     elif kty == "EC":
         crv = jwk.get("crv")
-        if crv not in EC_CURVES:
-            raise _Skip(f"unsupported EC crv {_echo(crv)}")
-        fits = frozenset({EC_CURVES[crv]})
+        if crv not in _EC_BY_CURVE:
+            raise _Skip(f"unsupported EC crv {echo(crv, _MAX_ECHO)}")
+        fits = frozenset({_EC_BY_CURVE[crv]})
     else:
         crv = jwk.get("crv")
         if crv != "Ed25519":
-            raise _Skip(f"unsupported OKP crv {_echo(crv)}")
-        fits = OKP_ALGORITHMS
+            raise _Skip(f"unsupported OKP crv {echo(crv, _MAX_ECHO)}")
+        fits = _OKP_FITS
     if pinned is not None:
         if pinned not in fits:
             raise _Skip(f"alg {pinned} does not fit a {kty} key{' on ' + str(jwk.get('crv')) if kty != 'RSA' else ''}")
@@ -459,7 +458,7 @@ def keyset_from_jwks(document: bytes | str | dict[str, Any], issuer: IssuerConfi
             verifiers.extend(_import_jwk(jwk, allowed))
         except _Skip as exc:
             kid = jwk.get("kid") if isinstance(jwk, dict) else None
-            label = f"key {index}" + (f" (kid {_echo(kid)})" if kid is not None else "")
+            label = f"key {index}" + (f" (kid {echo(kid, _MAX_ECHO)})" if kid is not None else "")
             log(f"jwks: issuer {issuer.name}: {label} skipped: {exc}")
     return KeySet(verifiers)
 
@@ -485,8 +484,3 @@ def keyset_from_secret(issuer: IssuerConfig, log: Log | None = None) -> KeySet |
             continue
         verifiers.append(HMACVerifier(alg, secret))
     return KeySet(verifiers) if verifiers else None
-
-
-def merge(keysets: Sequence[KeySet | None]) -> KeySet:
-    """One key set holding the verifiers of all given key sets."""
-    return KeySet(v for ks in keysets if ks is not None for v in ks.verifiers)

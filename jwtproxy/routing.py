@@ -94,13 +94,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # only for annotations: routing must not depend on config at import time
-    from jwtproxy.config import RouteConfig
+from typing import Generic, Protocol, TypeVar
 
 __all__ = [
     "BadRequest",
+    "Routable",
     "Router",
     "normalise_path",
     "normalise_target",
@@ -346,17 +344,31 @@ def split_host(host_header: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Bucket:
+class Routable(Protocol):
+    """What the table reads of a route (``config.RouteConfig`` is one); routing needs no more,
+    so it does not depend on the config module."""
+
+    @property
+    def path_prefix(self) -> str: ...
+
+    @property
+    def host(self) -> str: ...
+
+
+R = TypeVar("R", bound=Routable)
+
+
+class _Bucket(Generic[R]):
     """Routes sharing one prefix, by host: exact, then wildcard suffix, then host-less."""
 
     __slots__ = ("exact", "wild", "any")
 
     def __init__(self) -> None:
-        self.exact: dict[str, RouteConfig] = {}
-        self.wild: dict[str, RouteConfig] = {}  # ".example.com" -> route for "*.example.com"
-        self.any: RouteConfig | None = None
+        self.exact: dict[str, R] = {}
+        self.wild: dict[str, R] = {}  # ".example.com" -> route for "*.example.com"
+        self.any: R | None = None
 
-    def add(self, host: str, route: RouteConfig) -> None:
+    def add(self, host: str, route: R) -> None:
         if host.startswith("*."):
             table, key = self.wild, host[1:]
         elif host:
@@ -370,7 +382,7 @@ class _Bucket:
             raise ValueError(f"two routes with path_prefix {route.path_prefix!r} and host {host!r}")
         table[key] = route
 
-    def lookup(self, host: str) -> RouteConfig | None:
+    def lookup(self, host: str) -> R | None:
         if self.exact:
             r = self.exact.get(host)
             if r is not None:
@@ -387,7 +399,7 @@ class _Bucket:
         return self.any
 
 
-class Router:
+class Router(Generic[R]):
     """The route table, built once per configuration. See the module docstring for the rules.
 
     Raises ``ValueError`` at construction for a ``path_prefix`` that is not in normal form (it
@@ -396,11 +408,11 @@ class Router:
 
     __slots__ = ("_prefix_any", "_dir_any", "_prefix_hosted", "_dir_hosted", "_lengths", "_maxlen")
 
-    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+    def __init__(self, routes: Sequence[R]) -> None:
         # Keyed by the prefix without its trailing '/': "prefix" for "/api"-style prefixes, "dir"
         # for "/api/"-style ones. Host-less routes sit directly in the *_any dicts so the common
         # table (few or no host routes) costs one dict lookup per candidate.
-        buckets: dict[tuple[bool, str], _Bucket] = {}
+        buckets: dict[tuple[bool, str], _Bucket[R]] = {}
         for route in routes:
             prefix = route.path_prefix
             try:
@@ -414,11 +426,11 @@ class Router:
                 host = host[:-1]  # split_host removes it from request hosts too
             is_dir = prefix.endswith("/")
             key = prefix[:-1] if is_dir else prefix
-            buckets.setdefault((is_dir, key), _Bucket()).add(host, route)
-        self._prefix_any: dict[str, RouteConfig] = {}
-        self._dir_any: dict[str, RouteConfig] = {}
-        self._prefix_hosted: dict[str, _Bucket] = {}
-        self._dir_hosted: dict[str, _Bucket] = {}
+            buckets.setdefault((is_dir, key), _Bucket[R]()).add(host, route)
+        self._prefix_any: dict[str, R] = {}
+        self._dir_any: dict[str, R] = {}
+        self._prefix_hosted: dict[str, _Bucket[R]] = {}
+        self._dir_hosted: dict[str, _Bucket[R]] = {}
         for (is_dir, key), bucket in buckets.items():
             if bucket.any is not None:
                 (self._dir_any if is_dir else self._prefix_any)[key] = bucket.any
@@ -430,7 +442,7 @@ class Router:
         self._lengths = frozenset(len(key) for _, key in buckets)
         self._maxlen = max(self._lengths, default=0)
 
-    def match(self, host: str, path: str) -> RouteConfig | None:
+    def match(self, host: str, path: str) -> R | None:
         """The route for a normalised ``path`` (from :func:`normalise_target`) and a ``host``
         from :func:`split_host` (lower-case, no port; ``""`` if none), or ``None`` (404)."""
         # Candidates are path[:end] for each '/' position `end` (and the whole path), longest
@@ -472,7 +484,7 @@ class Router:
         return None  # only for a path not starting with '/', which normalise_target never yields
 
 
-def strip_prefix(route: RouteConfig, path: str) -> str:
+def strip_prefix(route: Routable, path: str) -> str:
     """The path the upstream receives for a route with ``strip_prefix = true``: ``path`` with the
     route's prefix removed, always starting with ``/`` (``/payments`` on ``/payments/x`` gives
     ``/x``; on ``/payments`` or ``/payments/`` gives ``/``; ``/`` leaves the path unchanged).

@@ -45,6 +45,7 @@ import asyncio
 import gc
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -53,6 +54,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Iterable, Protocol
+
+from aiohttp import web
 
 from . import systemd
 from .accesslog import log_event
@@ -126,7 +129,6 @@ class _Worker:
     ready: bool = False
     report: dict[str, Any] | None = None
     stopping: bool = False
-    exit_code: int | None = None
     kill_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
@@ -189,7 +191,7 @@ class Supervisor:
         self._stopping = False
         self._all_ready_once = False
         self._admin_sock: socket.socket | None = None
-        self._admin_runner: Any = None
+        self._admin_runner: web.AppRunner | None = None
         self._store: RevocationStore | None = None
         self._metrics: SupervisorMetrics | None = None
         self._own_metrics_dir: str | None = None
@@ -426,7 +428,6 @@ class Supervisor:
         loop = self._loop
         assert loop is not None
         del self._workers[w.pid]
-        w.exit_code = code
         if w.kill_timer is not None:
             w.kill_timer.cancel()
         try:
@@ -707,15 +708,13 @@ class Supervisor:
                 await self._store.close()
             except Exception as exc:  # closing a broken backend must not change the exit code
                 log_event("revocation_close_error", level="error", error=type(exc).__name__)
-        import shutil
-
         if self._own_metrics_dir is not None:
             shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
         if self._keys_dir is not None:
             shutil.rmtree(self._keys_dir, ignore_errors=True)
 
     @staticmethod
-    def _close_sockets(sockets: Any) -> None:
+    def _close_sockets(sockets: Iterable[socket.socket]) -> None:
         for sock in list(sockets):
             sock.close()
 
@@ -742,8 +741,6 @@ class Supervisor:
         return True
 
     async def _serve_admin(self) -> None:
-        from aiohttp import web
-
         if self._admin_sock is None:
             return
         app = make_admin_app(

@@ -5,8 +5,9 @@ Theory of operation
 * *Key.* ``sha256(token)`` (32 bytes, :func:`cache_key`): memory per entry is bounded by the
   digest rather than by an up-to-``max_bytes`` token string, and a lookup never compares whole
   tokens. Hashing costs ~0.7 µs for a 600-byte token (PERFORMANCE.md) against ~15 µs or more for
-  the signature it saves. ``get``/``put`` also accept the token ``str`` and hash it themselves.
-* *Expiry.* An entry carries ``issuer`` (name), ``exp`` and optionally ``leeway``; ``get`` drops
+  the signature it saves. The caller computes the key once per request and uses it for both
+  ``get`` and ``put``.
+* *Expiry.* An entry carries ``issuer`` (name), ``exp`` and ``leeway``; ``get`` drops
   and misses an entry once ``now >= exp + leeway``, so an expired verdict is never served. The
   caller still checks revocation and route rules on every hit (SPEC §4).
 * *Bound.* At most ``size`` entries; inserting beyond that evicts the least recently used.
@@ -21,30 +22,23 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Generic, Protocol, TypeVar
 
-__all__ = ["CacheEntry", "TokenCache", "cache_key"]
+__all__ = ["CacheableVerdict", "TokenCache", "cache_key"]
 
 
-class _Entry(Protocol):
+class CacheableVerdict(Protocol):
+    """What the cache reads of an entry (``auth.CachedToken`` is one)."""
+
     @property
     def issuer(self) -> str: ...
     @property
     def exp(self) -> float: ...
+    @property
+    def leeway(self) -> float: ...
 
 
-@dataclass(frozen=True, slots=True)
-class CacheEntry:
-    """A ready-made entry: the issuer's name, ``exp``, the issuer's leeway, the verdict and the
-    rendered identity headers. Any object with ``issuer`` and ``exp`` (and optionally ``leeway``)
-    works as an entry."""
-
-    issuer: str
-    exp: float
-    leeway: float
-    verified: Any
-    headers: list[tuple[bytes, bytes]]
+E = TypeVar("E", bound=CacheableVerdict)
 
 
 def cache_key(token: str) -> bytes:
@@ -52,7 +46,7 @@ def cache_key(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
-class TokenCache:
+class TokenCache(Generic[E]):
     """Bounded LRU ``key -> entry`` (see the module docstring)."""
 
     __slots__ = ("size", "_entries")
@@ -61,28 +55,24 @@ class TokenCache:
         if size < 0:
             raise ValueError("cache size must be >= 0")
         self.size = size
-        self._entries: OrderedDict[bytes, Any] = OrderedDict()
+        self._entries: OrderedDict[bytes, E] = OrderedDict()
 
-    def get(self, key: bytes | str, now: float) -> Any | None:
-        """The live entry for ``key`` (a digest from :func:`cache_key`, or the token), else None."""
-        if isinstance(key, str):
-            key = cache_key(key)
+    def get(self, key: bytes, now: float) -> E | None:
+        """The live entry for ``key`` (a digest from :func:`cache_key`), else None."""
         entries = self._entries
         entry = entries.get(key)
         if entry is None:
             return None
-        if now >= entry.exp + getattr(entry, "leeway", 0.0):
+        if now >= entry.exp + entry.leeway:
             del entries[key]
             return None
         entries.move_to_end(key)
         return entry
 
-    def put(self, key: bytes | str, entry: _Entry) -> None:
-        """Store ``entry``; evicts the least recently used entry beyond ``size``."""
+    def put(self, key: bytes, entry: E) -> None:
+        """Store ``entry`` under ``key``; evicts the least recently used entry beyond ``size``."""
         if self.size == 0:
             return
-        if isinstance(key, str):
-            key = cache_key(key)
         entries = self._entries
         entries[key] = entry
         entries.move_to_end(key)

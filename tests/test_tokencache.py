@@ -5,37 +5,51 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from jwtproxy.tokencache import CacheEntry, TokenCache, cache_key
+from jwtproxy.tokencache import TokenCache, cache_key
 
 
 @dataclass(frozen=True)
 class Entry:
     issuer: str
     exp: float
+    leeway: float = 0.0
 
 
-def test_put_get_by_token_or_digest() -> None:
-    cache = TokenCache(10)
-    e = CacheEntry("corp", 1000.0, 30.0, object(), [(b"x-user-id", b"u")])
-    cache.put("tok", e)
-    assert cache.get("tok", 0.0) is e
-    assert cache.get(cache_key("tok"), 0.0) is e
+class Cache(TokenCache[Entry]):
+    """The cache under test, addressed by token for brevity (the gateway passes cache_key())."""
+
+    def put(self, key: bytes | str, entry: Entry) -> None:  # type: ignore[override]
+        super().put(cache_key(key) if isinstance(key, str) else key, entry)
+
+    def get(self, key: bytes | str, now: float) -> Entry | None:  # type: ignore[override]
+        return super().get(cache_key(key) if isinstance(key, str) else key, now)
+
+
+def test_cache_key_is_the_sha256_of_the_token() -> None:
     assert cache_key("tok") == hashlib.sha256(b"tok").digest()
-    assert cache.get("other", 0.0) is None
+    assert cache_key("\ud800") == hashlib.sha256("\ud800".encode("utf-8", "surrogatepass")).digest()
+
+
+def test_put_get_by_digest() -> None:
+    cache: TokenCache[Entry] = TokenCache(10)
+    e = Entry("corp", 1000.0, 30.0)
+    cache.put(cache_key("tok"), e)
+    assert cache.get(cache_key("tok"), 0.0) is e
+    assert cache.get(cache_key("other"), 0.0) is None
     assert len(cache) == 1
 
 
 def test_keys_are_digests_not_tokens() -> None:
-    cache = TokenCache(10)
+    cache = Cache(10)
     token = "a" * 5000
     cache.put(token, Entry("corp", 100.0))
     assert all(len(k) == 32 for k in cache._entries)
 
 
 def test_expired_entries_miss_and_are_dropped() -> None:
-    cache = TokenCache(10)
+    cache = Cache(10)
     cache.put("a", Entry("corp", 100.0))
-    cache.put("b", CacheEntry("corp", 100.0, 30.0, None, []))
+    cache.put("b", Entry("corp", 100.0, 30.0))
     assert cache.get("a", 99.9) is not None
     assert cache.get("a", 100.0) is None  # now >= exp (no leeway on this entry)
     assert len(cache) == 1
@@ -45,7 +59,7 @@ def test_expired_entries_miss_and_are_dropped() -> None:
 
 
 def test_lru_bound_evicts_least_recently_used() -> None:
-    cache = TokenCache(3)
+    cache = Cache(3)
     for t in "abc":
         cache.put(t, Entry("corp", 100.0))
     assert cache.get("a", 0.0) is not None  # a is now most recent
@@ -58,7 +72,7 @@ def test_lru_bound_evicts_least_recently_used() -> None:
 
 
 def test_evict_issuer() -> None:
-    cache = TokenCache(10)
+    cache = Cache(10)
     cache.put("a", Entry("corp", 100.0))
     cache.put("b", Entry("other", 100.0))
     cache.put("c", Entry("corp", 100.0))
@@ -70,7 +84,7 @@ def test_evict_issuer() -> None:
 
 
 def test_size_zero_disables() -> None:
-    cache = TokenCache(0)
+    cache = Cache(0)
     cache.put("a", Entry("corp", 100.0))
     assert cache.get("a", 0.0) is None and len(cache) == 0
 
@@ -79,4 +93,4 @@ def test_negative_size_is_an_error() -> None:
     import pytest
 
     with pytest.raises(ValueError):
-        TokenCache(-1)
+        TokenCache[Entry](-1)
