@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers import AppServer
 
 from jwtproxy.config import IssuerConfig
 from jwtproxy.introspection import (
@@ -221,7 +222,7 @@ class Endpoint:
     delay: float = 0.0
     requests: list[dict[str, Any]] = field(default_factory=list)
     gate: asyncio.Event | None = None
-    runner: web.AppRunner | None = None
+    server: AppServer | None = None
     port: int = 0
     scheme: str = "http"
     headers: dict[str, str] = field(default_factory=dict)
@@ -229,11 +230,8 @@ class Endpoint:
     async def start(self, ssl_context: ssl.SSLContext | None = None) -> Endpoint:
         app = web.Application()
         app.router.add_post("/introspect", self._handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ssl_context)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.server = await AppServer(app, ssl_context=ssl_context).start()
+        self.port = self.server.port
         self.scheme = "https" if ssl_context else "http"
         return self
 
@@ -242,8 +240,8 @@ class Endpoint:
         return f"{self.scheme}://127.0.0.1:{self.port}/introspect"
 
     async def close(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+        if self.server is not None:
+            await self.server.stop()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -446,15 +444,8 @@ async def test_a_body_without_content_length_is_capped_too(endpoint: Endpoint, m
 
     app = web.Application()
     app.router.add_post("/", chunked)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        assert "body exceeds 65536 bytes" in await _failure(make(f"http://127.0.0.1:{port}/"))
-    finally:
-        await runner.cleanup()
+    async with AppServer(app) as upstream:
+        assert "body exceeds 65536 bytes" in await _failure(make(upstream.url + "/"))
 
 
 async def test_no_answer_within_the_timeout_is_503(endpoint: Endpoint, make: Factory) -> None:
