@@ -249,7 +249,7 @@ class AmbiguousToken(Exception):
     """The token's carrier appears more than once (two headers, cookies or parameters).
 
     Which one a backend would read is anyone's guess, so the gateway refuses to pick (400), as
-    SPEC §4 does for two ``Authorization`` headers (parameter pollution, OWASP WSTG-INPV-04).
+    contract §4 does for two ``Authorization`` headers (parameter pollution, OWASP WSTG-INPV-04).
     """
 
 

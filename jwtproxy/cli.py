@@ -1,4 +1,4 @@
-"""The ``jwtproxy`` command (SPEC §2): serve, check-config, verify, revoke, systemd-unit, demo."""
+"""The ``jwtproxy`` command (contract §2): serve, check-config, verify, revoke, systemd-unit, demo."""
 
 from __future__ import annotations
 

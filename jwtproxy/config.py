@@ -1,4 +1,4 @@
-"""Configuration: frozen dataclasses and the one loader that validates them (SPEC §3).
+"""Configuration: frozen dataclasses and the one loader that validates them (contract §3).
 
 Theory of operation
 -------------------
@@ -75,7 +75,7 @@ __all__ = [
 # KNOWN_ALGORITHMS and DEFAULT_ALGORITHMS (every asymmetric algorithm; HS* must be asked for,
 # because it only works together with hs_secret) come from jwtproxy.algorithms, the one table.
 # RFC 7518 §3.2: an HMAC key must be at least as long as the hash output; 32 bytes covers HS256 and is
-# the floor SPEC §3 sets for every HS algorithm.
+# the floor contract §3 sets for every HS algorithm.
 MIN_HS_SECRET_BYTES: Final = 32
 DEFAULT_CLAIMS_TO_HEADERS: Final[tuple[tuple[str, str], ...]] = (
     ("x-user-id", "sub"),
@@ -98,7 +98,7 @@ RESERVED_IDENTITY_HEADERS: Final[frozenset[str]] = frozenset({
     "host",
     # credentials
     "authorization", "proxy-authorization", "proxy-authenticate", "cookie",
-    # set by the gateway itself (SPEC §4)
+    # set by the gateway itself (contract §4)
     "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
 })  # fmt: skip
 
@@ -268,7 +268,7 @@ class ConfigError(Exception):
 
 def default_config_path(env: Mapping[str, str]) -> str:
     """The config file to use when no ``-c FILE`` is given: ``$JWTPROXY_CONFIG`` if set and
-    non-empty, else ``jwtproxy.toml`` in the current directory (SPEC §2)."""
+    non-empty, else ``jwtproxy.toml`` in the current directory (contract §2)."""
     return env.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_FILE
 
 
@@ -1085,7 +1085,7 @@ def _known(names: Sequence[str], what: str) -> str:
 
 
 def _check_path_prefix(prefix: str) -> str | None:
-    """Routes match the normalised path (SPEC §4), so a prefix that is not itself normalised could
+    """Routes match the normalised path (contract §4), so a prefix that is not itself normalised could
     never match; say so instead of shipping a dead route."""
     if not prefix.startswith("/"):
         return f"must start with '/', got '{prefix}'"

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Towards the upstream (SPEC §4 "Identity headers"):
+Towards the upstream (contract §4 "Identity headers"):
 
 1. Every header whose name, lower-cased with everything but letters and digits removed, equals the
    same reduction of a ``[claims_to_headers]`` name is dropped, on every route. ``X-User-Id``,

@@ -1,4 +1,4 @@
-"""Identity headers for the upstream, rendered from verified claims (SPEC §4 "Identity headers").
+"""Identity headers for the upstream, rendered from verified claims (contract §4 "Identity headers").
 
 Theory of operation
 -------------------

@@ -24,7 +24,7 @@ token and rejects everything else with :class:`TokenRejected` before any key is 
 6. *Embedded key references are ignored, not rejected.* ``jwk``, ``jku``, ``x5u``, ``x5c`` and
    ``x5t`` are never read by jwtproxy: keys come only from the issuer's configured JWKS or
    secret. Ignoring keeps tokens from IdPs that add ``x5t``/``x5c`` working, and is safe because
-   no code path looks at those members (SPEC §4: "never used to find keys").
+   no code path looks at those members (contract §4: "never used to find keys").
 
 ``TokenRejected.description`` is fixed text chosen here, never a piece of the token.
 """

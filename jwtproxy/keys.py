@@ -233,7 +233,7 @@ class KeySet:
 
     ``by_kid`` maps each ``kid`` to its verifiers (several for duplicate kids or a key usable
     with several algorithms). ``unkeyed(alg)`` is every verifier for ``alg`` -- the candidates for
-    a token without ``kid`` (SPEC §4: each key that fits ``alg`` is tried). ``fingerprint`` is a
+    a token without ``kid`` (contract §4: each key that fits ``alg`` is tried). ``fingerprint`` is a
     sha256 over the canonical (kid, alg, key digest) triples: equal fingerprints mean the same
     keys, whatever the JWKS member order or formatting.
     """

@@ -47,7 +47,7 @@ def _quoted(value: str) -> bytes:
 
 
 def www_authenticate(error: str | None = None, description: str | None = None, scope: str | None = None) -> bytes:
-    """The ``WWW-Authenticate`` value of SPEC §4's error table."""
+    """The ``WWW-Authenticate`` value of contract §4's error table."""
     if error is None:
         return REALM
     value = REALM + b", error=" + _quoted(error)
@@ -87,7 +87,7 @@ def _error_parts(
     head_only: bool,
 ) -> tuple[bytes, bytes]:
     """The response around its request id, rendered once: attack traffic is rejected often,
-    and the vocabulary of descriptions is fixed (SPEC: never client content)."""
+    and the vocabulary of descriptions is fixed (contract: never client content)."""
     body = json.dumps(
         {"error": error or ERROR_CODES.get(status, "error"), "error_description": description},
         separators=(",", ":"),

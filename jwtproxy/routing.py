@@ -6,7 +6,7 @@ Theory of operation
 The gateway decides *who may call what* by matching the request path against route prefixes.
 That decision is only sound if the gateway and the upstream agree on what the path is, so the
 path is first brought into one canonical form, the route is matched on that form, and exactly
-that form is what the upstream receives (SPEC §4 "Paths"). Anything whose meaning could differ
+that form is what the upstream receives (contract §4 "Paths"). Anything whose meaning could differ
 between us and a backend is refused with 400 rather than guessed at.
 
 Request target (RFC 9112 §3.2)
@@ -23,7 +23,7 @@ refused -- a request-target never carries a fragment, and such bytes on the upst
 line would be an injection vector. The query (everything from the first ``?``, the ``?``
 included) is otherwise returned byte-for-byte untouched.
 
-Path normal form, in this order (the SPEC's order; it is also Envoy's):
+Path normal form, in this order (the contract's order; it is also Envoy's):
 
 1. Percent-decoding: escapes of unreserved characters (``ALPHA DIGIT - . _ ~``, RFC 3986 §2.3)
    are decoded (``%7e`` -> ``~``, ``%2e`` -> ``.``); every other escape is kept with upper-case
@@ -67,7 +67,7 @@ nginx: the slash says "the contents of /api/"); ``/api`` falls through to a shor
 ``/api/...``, ``/api`` then serves only ``/api`` itself.
 
 The longest matching prefix wins; among routes with the same prefix, an exact host beats a
-wildcard host (the longer wildcard suffix first), which beats a host-less route (SPEC §3). A
+wildcard host (the longer wildcard suffix first), which beats a host-less route (contract §3). A
 wildcard ``*.example.com`` matches one or more labels below ``example.com`` and not
 ``example.com`` itself. Hosts compare case-insensitively: route hosts are lower-cased once,
 and the caller passes the request host through :func:`split_host`.
@@ -140,7 +140,7 @@ _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
-# Escapes refused outright (SPEC §4): '/', '\', NUL. Compared after upper-casing.
+# Escapes refused outright (contract §4): '/', '\', NUL. Compared after upper-casing.
 _FORBIDDEN_ESCAPES = {"2F": "encoded '/' (%2F) in path", "5C": "encoded '\\' (%5C) in path",
                       "00": "encoded NUL (%00) in path"}
 

@@ -4,15 +4,15 @@ Theory of operation
 -------------------
 * *Key.* ``sha256(token)`` (32 bytes, :func:`cache_key`): memory per entry is bounded by the
   digest rather than by an up-to-``max_bytes`` token string, and a lookup never compares whole
-  tokens. Hashing costs ~0.7 µs for a 600-byte token (PERFORMANCE.md) against ~15 µs or more for
+  tokens. Hashing costs ~0.7 µs for a 600-byte token against ~15 µs or more for
   the signature it saves. The caller computes the key once per request and uses it for both
   ``get`` and ``put``.
 * *Expiry.* An entry carries ``issuer`` (name), ``exp`` and ``leeway``; ``get`` drops
   and misses an entry once ``now >= exp + leeway``, so an expired verdict is never served. The
-  caller still checks revocation and route rules on every hit (SPEC §4).
+  caller still checks revocation and route rules on every hit (contract §4).
 * *Bound.* At most ``size`` entries; inserting beyond that evicts the least recently used.
   ``size == 0`` disables the cache (``get`` always misses, ``put`` stores nothing).
-* *Key rotation.* ``evict_issuer(name)`` drops every verdict of that issuer (SPEC §4: a changed
+* *Key rotation.* ``evict_issuer(name)`` drops every verdict of that issuer (contract §4: a changed
   key set empties the issuer's cached verdicts).
 
 Sans-I/O: ``now`` is a parameter; no clock is read here.

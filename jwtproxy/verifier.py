@@ -27,7 +27,7 @@ step  check                                                  rejection ``reason`
                                                              audience_not_allowed
 ====  =====================================================  ==================================
 
-Claims (RFC 7519 §4.1, SPEC §4): numeric claims must be JSON numbers that fit an IEEE double
+Claims (RFC 7519 §4.1, contract §4): numeric claims must be JSON numbers that fit an IEEE double
 (no bool, no NaN/Infinity, no 1e400, no 400-digit integers). ``exp`` is always required and
 ``now < exp + leeway``; ``nbf`` and ``iat``, when present, are ``<= now + leeway``;
 ``max_lifetime > 0`` requires ``iat`` and ``exp - iat <= max_lifetime``; ``aud`` (string, or

@@ -51,7 +51,7 @@ from jwtproxy.revocation import DEFAULT_JTI_TTL, EXPIRY_GRACE  # noqa: E402
 pytestmark = pytest.mark.slow
 
 PREFIX = "jwtproxy:rev:"
-SPEC_PROPAGATION = 1.0  # SPEC "Process": every worker of every node within one second
+CONTRACT_PROPAGATION = 1.0  # contract §4 "Process": every worker of every node within one second
 
 
 def delay(label: str, seconds: float | list[float]) -> None:
@@ -90,7 +90,7 @@ async def wait_listing(node: Daemon, pred: Callable[[Any], bool], timeout: float
 
 
 def assert_no_tokens_logged(nodes: list[Daemon], *tokens: str) -> None:
-    """SPEC: tokens never appear in logs (not even their signature part)."""
+    """contract: tokens never appear in logs (not even their signature part)."""
     for node in nodes:
         text = node.log()
         for token in tokens:
@@ -164,7 +164,7 @@ async def test_redis_revoke_on_one_daemon_reaches_every_worker_of_both(
     delay("redis CLI revoke on A: CLI run time (process start to exit)", t_cli)
     delay("redis CLI revoke on A -> kept-alive cached conns [A w1, A w2, B w1, B w2], since CLI start", seen)
     delay("redis CLI revoke on A -> same, after the CLI exited (0 = already rejected)", after_cli)
-    assert max(after_cli) < SPEC_PROPAGATION
+    assert max(after_cli) < CONTRACT_PROPAGATION
     for node in (a, b):
         await assert_every_worker(node, token, 401)
         await assert_every_worker(node, other, 200)
@@ -181,7 +181,7 @@ async def test_redis_revoke_on_one_daemon_reaches_every_worker_of_both(
     seen = await asyncio.gather(*(until_status(c, token2, 401, t0, timeout=5) for c in kept))
     delay("redis POST /revocations on B: admin round trip", t_admin)
     delay("redis POST on B -> kept-alive cached conns [A w1, A w2, B w1, B w2], since POST sent", seen)
-    assert max(seen) < SPEC_PROPAGATION
+    assert max(seen) < CONTRACT_PROPAGATION
     for conn in kept:
         conn.close()
 
@@ -198,7 +198,7 @@ async def test_redis_revoke_on_one_daemon_reaches_every_worker_of_both(
     assert status == 200 and body == {"deleted": {"jti": "cli-jti"}}, (status, body)
     seen = await asyncio.gather(*(until_status(c, token, 200, t0, timeout=5) for c in kept))
     delay("redis DELETE on B -> token accepted again [A w1, A w2, B w1, B w2]", seen)
-    assert max(seen) < SPEC_PROPAGATION
+    assert max(seen) < CONTRACT_PROPAGATION
     for conn in kept:
         conn.close()
     for node in (a, b):
@@ -239,7 +239,7 @@ async def test_redis_revoke_on_one_daemon_reaches_every_worker_of_both(
     assert status == 200 and body == {"deleted": {"sub": "alice"}}, (status, body)
     seen = await asyncio.gather(*(until_status(c, old, 200, t0) for c in kept))
     delay("redis DELETE /revocations/sub/alice on B -> A's workers accept again", seen)
-    assert max(seen) < SPEC_PROPAGATION
+    assert max(seen) < CONTRACT_PROPAGATION
     for conn in kept:
         conn.close()
     await assert_every_worker(a, no_iat, 200)
@@ -334,7 +334,7 @@ async def test_redis_outage_keeps_enforcing_and_empty_restart_is_refilled(
     assert status == 201, body
     seen = await asyncio.gather(*(until_status(c, after, 401, t0, timeout=10) for c in kept))
     delay("redis after the empty restart (+ write-back): POST on A -> [A w1, A w2, B w1, B w2]", seen)
-    assert max(seen) < SPEC_PROPAGATION
+    assert max(seen) < CONTRACT_PROPAGATION
     for conn in kept:
         conn.close()
     c = nodes("c", redis_section(redis_server.url))
@@ -411,7 +411,7 @@ async def test_sqlite_revocation_survives_daemon_restart(
     assert rc == 0, (out, err)
     delay("sqlite CLI revoke -> both workers (kept-alive, cached), after the CLI exited",
           [max(0.0, s - t_cli) for s in seen])
-    assert max(s - t_cli for s in seen) < SPEC_PROPAGATION
+    assert max(s - t_cli for s in seen) < CONTRACT_PROPAGATION
     for conn in kept:
         conn.close()
     rc, out, err = await node.cli("revoke", "--sub", "erin", "--before", str(before))
@@ -441,7 +441,7 @@ async def test_sqlite_revocation_survives_daemon_restart(
     assert status == 200, (status, body)
     seen = await asyncio.gather(*(until_status(c, token, 200, t0) for c in kept))
     delay("sqlite DELETE -> both workers accept again", seen)
-    assert max(seen) < SPEC_PROPAGATION
+    assert max(seen) < CONTRACT_PROPAGATION
     for conn in kept:
         conn.close()
 
@@ -681,7 +681,7 @@ async def test_redis_revocation_right_after_outage_within_one_second(
           "(inf = still accepted after 3 s)", seen)
     for conn in kept:
         conn.close()
-    assert max(seen) < SPEC_PROPAGATION
+    assert max(seen) < CONTRACT_PROPAGATION
 
 
 @pytest.mark.redis

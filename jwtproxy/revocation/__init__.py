@@ -6,7 +6,7 @@ single-process tools).
 
 Theory of operation
 -------------------
-Two kinds of revocation exist (SPEC §4 "Verification", last bullet):
+Two kinds of revocation exist (contract §4 "Verification", last bullet):
 
 * **by token** -- ``jti`` with the token's ``exp``. The entry is kept until ``exp + EXPIRY_GRACE``
   and then forgotten (pruned from the mirror and from storage). The grace (1 h) exists because the

@@ -156,7 +156,7 @@ def _payload_with(name: str, value: str) -> str:
 @pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
 @pytest.mark.parametrize("shape", sorted(BAD_NUMBERS))
 async def test_numeric_claims_must_be_finite_json_numbers(gw, backend, rsa_key, claim, shape):
-    """RFC 7519 §2 NumericDate; SPEC: never NaN, Infinity, 1e400, strings or booleans."""
+    """RFC 7519 §2 NumericDate; contract: never NaN, Infinity, 1e400, strings or booleans."""
     now = int(time.time())
     v = now + 600 if claim == "exp" else now - 10
     text = BAD_NUMBERS[shape].format(v=v)

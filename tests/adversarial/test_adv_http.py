@@ -688,7 +688,7 @@ async def test_websocket_bytes_after_accepted_upgrade_are_tunnelled(make_gateway
 _DUPLICATE_SOURCE_BUG = ("BUG: with a non-Authorization token source, a request carrying the token twice (two "
                          "X-Api-Token headers, two session cookies, two access_token parameters) is verified on "
                          "the first and forwarded with both, so the unverified second token reaches the upstream "
-                         "next to the verified identity; SPEC §4 refuses the same ambiguity for Authorization "
+                         "next to the verified identity; contract §4 refuses the same ambiguity for Authorization "
                          "with 400 (auth.py extract_token takes the first; headerpolicy.scan_request_head only "
                          "counts Authorization)")
 

@@ -1,4 +1,4 @@
-"""Class 5 -- identity header forgery (SPEC §4 "Identity headers"; CWE-290, CWE-113).
+"""Class 5 -- identity header forgery (contract §4 "Identity headers"; CWE-290, CWE-113).
 
 Every check looks at what the Backend recorded: header names exactly as the upstream received
 them. The invariant: the only identity headers an upstream ever sees are the gateway's own,
@@ -157,7 +157,7 @@ GOOD_VALUES = {
 
 @pytest.mark.parametrize("name", sorted(GOOD_VALUES))
 async def test_claim_values_render_exactly(gw, backend, rsa_key, name):
-    """Arrays, objects, numbers, non-ASCII: rendered per SPEC, byte-exact (UTF-8) at the upstream."""
+    """Arrays, objects, numbers, non-ASCII: rendered per the contract, byte-exact (UTF-8) at the upstream."""
     value, rendered = GOOD_VALUES[name]
     token = signed(rsa_key, {"alg": "RS256", "kid": rsa_key.kid}, json.dumps(claims(role=value)))
     assert await status_of(gw, get("/x", token)) == 200

@@ -916,7 +916,7 @@ async def test_daemon_reload_while_provider_down_keeps_working_keys(
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)  # let the old generation finish draining
 
-        # The keys the daemon had must keep working (SPEC: a failed refresh keeps the last
+        # The keys the daemon had must keep working (contract: a failed refresh keeps the last
         # good keys; a reload fails no request).
         reply = await call(listen_port, "/payments/refunds", tokens[1])
         assert reply.status == 200, (reply, daemon.log())
