@@ -46,6 +46,7 @@ from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from jwtproxy.algorithms import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, KNOWN_ALGORITHMS
+from jwtproxy.forwarded import parse_networks
 from jwtproxy.routing import BadRequest, normalise_path
 
 __all__ = [
@@ -77,6 +78,8 @@ __all__ = [
 # RFC 7518 §3.2: an HMAC key must be at least as long as the hash output; 32 bytes covers HS256 and is
 # the floor contract §3 sets for every HS algorithm.
 MIN_HS_SECRET_BYTES: Final = 32
+# Contract §5.2: a DPoP proof is signed by a client's own key, so only asymmetric algorithms.
+DPOP_DEFAULT_ALGORITHMS: Final[tuple[str, ...]] = ("ES256", "EdDSA", "PS256", "RS256")
 DEFAULT_CLAIMS_TO_HEADERS: Final[tuple[tuple[str, str], ...]] = (
     ("x-user-id", "sub"),
     ("x-user-role", "role"),
@@ -142,6 +145,10 @@ class ServerConfig:
     keepalive_timeout: float = 75.0
     shutdown_timeout: float = 30.0
     access_log: bool = True
+    tls_client_ca: str = ""  # PEM bundle: TLS listeners ask for a client certificate (contract §5.2)
+    tls_client_cert: Literal["optional", "required"] = "optional"
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* and client_cert_header count
+    client_cert_header: str = ""  # lower-case header name; "" = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +187,10 @@ class IssuerConfig:
     hs_secret: bytes = field(default=b"", repr=False)
     jwks_refresh: float = 300.0
     jwks_cooldown: float = 30.0
+    token_binding: Literal["allow", "require"] = "allow"
+    dpop_algorithms: tuple[str, ...] = DPOP_DEFAULT_ALGORITHMS
+    dpop_max_age: float = 60.0
+    dpop_nonce: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +208,7 @@ class RouteConfig:
     forward_token: bool = True
     strip_prefix: bool = False
     cors_preflight: Literal["forward", "auth"] = "forward"
+    token_binding: Literal["", "allow", "require"] = ""  # "" = each issuer's own setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,16 +588,18 @@ _ROOT_KEYS = ("server", "admin", "token", "issuer", "route", "upstream", "claims
 _SERVER_KEYS = (
     "listen", "workers", "http_parser", "tls_cert", "tls_key", "max_header_bytes", "max_body_bytes",
     "header_timeout", "keepalive_timeout", "shutdown_timeout", "access_log",
+    "tls_client_ca", "tls_client_cert", "trusted_proxies", "client_cert_header",
 )  # fmt: skip
 _ADMIN_KEYS = ("listen", "token")
 _TOKEN_KEYS = ("max_bytes", "cache_size", "sources")
 _ISSUER_KEYS = (
     "name", "issuer", "jwks_uri", "discovery", "jwks_file", "audiences", "algorithms", "leeway",
     "max_lifetime", "required_claims", "typ", "hs_secret", "jwks_refresh", "jwks_cooldown",
+    "token_binding", "dpop_algorithms", "dpop_max_age", "dpop_nonce",
 )  # fmt: skip
 _ROUTE_KEYS = (
     "path_prefix", "host", "upstream", "auth", "issuers", "require_scopes", "require_claims",
-    "forward_token", "strip_prefix", "cors_preflight",
+    "forward_token", "strip_prefix", "cors_preflight", "token_binding",
 )  # fmt: skip
 _UPSTREAM_KEYS = (
     "targets", "connect_timeout", "response_timeout", "idle_timeout", "max_idle", "preserve_host",
@@ -699,6 +713,21 @@ def _tls_problem(cert: str, key: str) -> str | None:
     return None
 
 
+def _client_ca_problem(cafile: str) -> str | None:
+    """Load the client CA bundle as the listeners will, so a bad file fails the config."""
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_verify_locations(cafile=cafile)
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        return f"cannot load the CA bundle: {reason}"
+    if not context.get_ca_certs():
+        return "the CA bundle holds no CA certificate"
+    return None
+
+
 def _parse_server(p: _Problems, t: _Table | None) -> ServerConfig | None:
     if t is None:
         return None
@@ -737,6 +766,33 @@ def _parse_server(p: _Problems, t: _Table | None) -> ServerConfig | None:
         problem = _tls_problem(tls_cert, tls_key)
         if problem:
             t.fail("tls_cert", problem)
+    tls_client_ca = t.string("tls_client_ca", d.tls_client_ca)
+    tls_client_cert = t.choice("tls_client_cert", d.tls_client_cert, ("optional", "required"))
+    if tls_client_ca and t.ok("tls_client_ca", "tls_cert", "tls_key"):
+        if not tls_cert:
+            t.fail("tls_client_ca", "client certificates need TLS listeners: set tls_cert and tls_key too")
+        else:
+            problem = _client_ca_problem(tls_client_ca)
+            if problem:
+                t.fail("tls_client_ca", problem)
+    if tls_client_cert == "required" and not tls_client_ca and t.ok("tls_client_cert", "tls_client_ca"):
+        t.fail("tls_client_cert", '"required" needs tls_client_ca (the CAs client certificates must chain to)')
+    trusted_proxies: list[str] = []
+    for path, cidr in t.strings("trusted_proxies", d.trusted_proxies):
+        try:
+            parse_networks([cidr])
+        except ValueError as exc:
+            t.fail("trusted_proxies", str(exc), path)
+        else:
+            trusted_proxies.append(cidr.strip())
+    client_cert_header = t.string("client_cert_header", d.client_cert_header).strip().lower()
+    if client_cert_header and t.ok("client_cert_header"):
+        if not _TOKEN.fullmatch(client_cert_header):
+            t.fail("client_cert_header", f"'{client_cert_header}' is not a valid header name")
+        elif client_cert_header in RESERVED_IDENTITY_HEADERS or client_cert_header == "dpop":
+            t.fail("client_cert_header", f"'{client_cert_header}' is a header the gateway manages itself")
+        elif not trusted_proxies and t.ok("trusted_proxies"):
+            t.fail("client_cert_header", "is only believed from trusted_proxies, which is empty")
     max_header_bytes = t.integer("max_header_bytes", d.max_header_bytes, minimum=1)
     max_body_bytes = t.integer("max_body_bytes", d.max_body_bytes)
     header_timeout = t.duration("header_timeout", d.header_timeout, positive=True)
@@ -757,6 +813,10 @@ def _parse_server(p: _Problems, t: _Table | None) -> ServerConfig | None:
         keepalive_timeout=keepalive_timeout,
         shutdown_timeout=shutdown_timeout,
         access_log=access_log,
+        tls_client_ca=tls_client_ca,
+        tls_client_cert=tls_client_cert,
+        trusted_proxies=tuple(trusted_proxies),
+        client_cert_header=client_cert_header,
     )
 
 
@@ -897,6 +957,18 @@ def _parse_issuer(t: _Table, names: dict[str, str], issuer_values: dict[str, str
 
     jwks_refresh = t.duration("jwks_refresh", d.jwks_refresh, positive=True)
     jwks_cooldown = t.duration("jwks_cooldown", d.jwks_cooldown)
+    token_binding = t.choice("token_binding", d.token_binding, ("allow", "require"))
+    dpop_algorithms: list[str] = []
+    for path, alg in t.strings("dpop_algorithms", d.dpop_algorithms, nonempty=True):
+        if alg.lower() == "none" or alg in HMAC_ALGORITHMS:
+            t.fail("dpop_algorithms", f"'{alg}' is not an asymmetric algorithm; a DPoP proof is signed with the client's own key", path)
+        elif alg not in KNOWN_ALGORITHMS:
+            hint = _hint(alg, KNOWN_ALGORITHMS)
+            t.fail("dpop_algorithms", f"unknown algorithm '{alg}'{hint}; known: {' '.join(DEFAULT_ALGORITHMS)}", path)
+        else:
+            dpop_algorithms.append(alg)
+    dpop_max_age = t.duration("dpop_max_age", d.dpop_max_age, positive=True)
+    dpop_nonce = t.boolean("dpop_nonce", d.dpop_nonce)
     if len(t.p.items) != n:
         return None
     return IssuerConfig(
@@ -914,6 +986,10 @@ def _parse_issuer(t: _Table, names: dict[str, str], issuer_values: dict[str, str
         hs_secret=hs_secret,
         jwks_refresh=jwks_refresh,
         jwks_cooldown=jwks_cooldown,
+        token_binding=token_binding,
+        dpop_algorithms=tuple(dpop_algorithms),
+        dpop_max_age=dpop_max_age,
+        dpop_nonce=dpop_nonce,
     )
 
 
@@ -1057,13 +1133,14 @@ def _parse_route(t: _Table, issuer_names: list[str] | None, upstream_names: list
     if auth == "off" and t.ok("auth"):
         # Requirements on an unauthenticated route would never be checked: the operator meant
         # something else, and silently ignoring it is exactly the weakening we refuse.
-        for key in ("issuers", "require_scopes", "require_claims"):
+        for key in ("issuers", "require_scopes", "require_claims", "token_binding"):
             if t.data.get(key):
                 t.fail(key, 'has no effect with auth = "off"')
 
     forward_token = t.boolean("forward_token", d.forward_token)
     strip_prefix = t.boolean("strip_prefix", d.strip_prefix)
     cors_preflight = t.choice("cors_preflight", d.cors_preflight, ("forward", "auth"))
+    token_binding = t.choice("token_binding", d.token_binding, ("", "allow", "require"))
     if len(t.p.items) != n:
         return None
     return RouteConfig(
@@ -1077,6 +1154,7 @@ def _parse_route(t: _Table, issuer_names: list[str] | None, upstream_names: list
         forward_token=forward_token,
         strip_prefix=strip_prefix,
         cors_preflight=cors_preflight,
+        token_binding=token_binding,
     )
 
 
