@@ -9,11 +9,19 @@ Theory of operation
 * :class:`Pending` – the token names a key we do not have: await ``Pending.wait`` (one shared
   JWKS refetch, rate-limited by ``jwks_cooldown``) and call again once.
 
+* :class:`CheckReplay` – everything passed, including a DPoP proof, and the proof's ``jti`` is
+  recorded on this host; the shell must still record it across nodes (Redis) before forwarding
+  ``CheckReplay.allow`` (only when a cross-node guard is configured).
+
 The order of checks is fixed: token presence, size, the verified-token cache (a hit skips JOSE
-parsing and the signature, never ``exp``, revocation, issuer or route checks), then full
-verification (:mod:`jwtproxy.verifier`), then what depends on the route (allowed issuers, scopes,
-claims). What a cached entry holds is the verdict on the *token*; what the *route* demands is
-checked on every request, so one cache serves every route.
+parsing and the signature, never ``exp``, revocation, issuer, binding or route checks), then full
+verification (:mod:`jwtproxy.verifier`), then what depends on the request and the route: allowed
+issuers, revocation, the token's sender binding (:mod:`jwtproxy.binding`: the DPoP proof or the
+client certificate, checked on **every** request because a proof is single-use), scopes and
+claims, and last the proof's single use on this host (:mod:`jwtproxy.dpopreplay`). What a cached
+entry holds is the verdict on the *token* (with its ``cnf``); what the *request* and the *route*
+demand is checked every time, so one cache serves every route. A binding failure (401) comes
+before scopes (403): a thief learns nothing about what the token would have allowed.
 
 Everything here is synchronous and reads the clock only through the ``now`` it is given.
 """
@@ -21,21 +29,48 @@ Everything here is synchronous and reads the clock only through the ``now`` it i
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote_plus
 
-from jwtproxy.config import Config, RouteConfig, TokenSource
+from jwtproxy.binding import BEARER, UNBOUND, BindingRejected, Confirmation, Presentation, enforce, read_confirmation
+from jwtproxy.config import Config, IssuerConfig, RouteConfig, TokenSource
+from jwtproxy.dpop import USE_DPOP_NONCE, AcceptedProof, DPoPPolicy, NonceIssuer, ProofChecker
+from jwtproxy.dpopreplay import HostReplayGuard, ReplayCheckUnavailable
 from jwtproxy.identity import render_identity_headers
 from jwtproxy.jose import TokenRejected
-from jwtproxy.responses import www_authenticate
+from jwtproxy.responses import www_authenticate, www_authenticate_dpop
 from jwtproxy.revocation import IsRevoked
+from jwtproxy.sharedtable import SharedTable
 from jwtproxy.tokencache import TokenCache, cache_key
 from jwtproxy.verifier import KeysNotLoaded, TokenVerifier, UnknownKid, Verified
 
-__all__ = ["Allow", "AmbiguousToken", "AuthStage", "CachedToken", "Deny", "Pending", "RouteRules", "extract_token"]
+__all__ = [
+    "Allow",
+    "AmbiguousToken",
+    "AuthStage",
+    "CachedToken",
+    "CheckReplay",
+    "Deny",
+    "Pending",
+    "RouteRules",
+    "extract_token",
+    "uses_dpop_scheme",
+]
+
+
+#: Slots of the replay table of a process that was handed none (``jwtproxy verify``, tests).
+LOCAL_REPLAY_CAPACITY = 1 << 16
+
+
+@lru_cache(maxsize=1)
+def _process_replay_guard() -> HostReplayGuard:
+    """One jti table for every stage of a process that has no supervisor's table: in one process,
+    the process is the host."""
+    return HostReplayGuard(SharedTable(LOCAL_REPLAY_CAPACITY, values=0))
 
 
 class Allow:
@@ -58,7 +93,7 @@ ANONYMOUS = Allow([])
 
 
 class Deny:
-    __slots__ = ("status", "error", "description", "reason", "www_authenticate", "retry_after")
+    __slots__ = ("status", "error", "description", "reason", "www_authenticate", "retry_after", "dpop_nonce")
 
     def __init__(
         self,
@@ -69,6 +104,7 @@ class Deny:
         error: str | None = None,
         www_auth: bytes | None = None,
         retry_after: int | None = None,
+        dpop_nonce: str | None = None,
     ) -> None:
         self.status = status
         self.error = error
@@ -76,6 +112,8 @@ class Deny:
         self.reason = reason
         self.www_authenticate = www_auth
         self.retry_after = retry_after
+        #: A fresh ``DPoP-Nonce`` to send with this answer (``use_dpop_nonce``).
+        self.dpop_nonce = dpop_nonce
 
 
 class Pending:
@@ -83,6 +121,16 @@ class Pending:
 
     def __init__(self, wait: asyncio.Future[Any]) -> None:
         self.wait = wait
+
+
+class CheckReplay:
+    """Allowed once ``proof``'s ``jti`` is recorded across nodes too (else ``dpop_replay``)."""
+
+    __slots__ = ("allow", "proof")
+
+    def __init__(self, allow: Allow, proof: AcceptedProof) -> None:
+        self.allow = allow
+        self.proof = proof
 
 
 @lru_cache(maxsize=256)
@@ -100,6 +148,38 @@ def invalid_token(reason: str, description: str) -> Deny:
 MISSING_TOKEN = Deny(401, "bearer token required", "missing_token", error="unauthorized", www_auth=www_authenticate())
 
 
+@lru_cache(maxsize=256)
+def binding_denied(reason: str, description: str, error: str, dpop_algs: str | None) -> Deny:
+    """The 401 for a request that does not prove possession (contract §5.2): with a ``DPoP``
+    challenge naming ``dpop_algs`` when the failure is about DPoP, else the ``Bearer`` one."""
+    www_auth = (
+        www_authenticate_dpop(dpop_algs, error, description)
+        if dpop_algs is not None
+        else www_authenticate(error, description)
+    )
+    return Deny(401, description, reason, error=error, www_auth=www_auth)
+
+
+@lru_cache(maxsize=64)
+def nonce_denied(description: str, dpop_algs: str, nonce: str) -> Deny:
+    """``use_dpop_nonce`` with the current nonce (one shared object per nonce slot)."""
+    return Deny(
+        401,
+        description,
+        "dpop_nonce",
+        error=USE_DPOP_NONCE,
+        www_auth=www_authenticate_dpop(dpop_algs, USE_DPOP_NONCE, description),
+        dpop_nonce=nonce,
+    )
+
+
+def replay_denied(dpop_algs: str) -> Deny:
+    return binding_denied("dpop_replay", "DPoP proof already used", "invalid_dpop_proof", dpop_algs)
+
+
+REPLAY_UNAVAILABLE = Deny(503, "DPoP replay check unavailable", "dpop_replay_unavailable", retry_after=1)
+
+
 @dataclass(frozen=True, slots=True)
 class CachedToken:
     """The verdict on one token, as the cache keeps it."""
@@ -114,19 +194,32 @@ class CachedToken:
     claims: Mapping[str, Any]
     identity: list[tuple[bytes, bytes]]
     allow: Allow
+    cnf: Confirmation = UNBOUND
 
 
 class RouteRules:
-    """What one route demands, compiled once per config."""
+    """What one route demands, compiled once per config.
 
-    __slots__ = ("auth", "issuers", "scopes", "scope_text", "claims")
+    ``binding_required`` names the issuers whose tokens must be sender-constrained on this route:
+    the route's ``token_binding`` when set, else each issuer's own (``issuers``: every configured
+    issuer, needed for the latter).
+    """
 
-    def __init__(self, route: RouteConfig) -> None:
+    __slots__ = ("auth", "issuers", "scopes", "scope_text", "claims", "binding_required")
+
+    def __init__(self, route: RouteConfig, issuers: tuple[IssuerConfig, ...] = ()) -> None:
         self.auth = route.auth
         self.issuers = frozenset(route.issuers) if route.issuers else None
         self.scopes = frozenset(route.require_scopes)
         self.scope_text = " ".join(route.require_scopes)
         self.claims = tuple((name, frozenset(values)) for name, values in route.require_claims)
+        self.binding_required = frozenset(
+            issuer.name
+            for issuer in issuers
+            if (route.token_binding or issuer.token_binding) == "require"
+        )
+        if route.token_binding == "require" and not issuers:
+            raise ValueError("a route that requires bound tokens needs the issuers to name them")
 
 
 def token_scopes(claims: Mapping[str, Any]) -> frozenset[str]:
@@ -162,7 +255,15 @@ class AuthStage:
         is_revoked: IsRevoked,
         refetch_unknown_kid: Callable[[str], asyncio.Future[bool]],
         on_cache: Callable[[str], None] | None = None,
+        *,
+        proofs: ProofChecker | None = None,
+        host_replay: HostReplayGuard | None = None,
+        remote_replay: bool = False,
     ) -> None:
+        """``proofs``: the DPoP proof checker (default: one with a nonce secret of its own, right
+        for a single process). ``host_replay``: the host-wide jti guard (default: a table of this
+        process only). ``remote_replay``: the shell also records jtis across nodes
+        (:class:`CheckReplay` is returned instead of :class:`Allow` after a DPoP proof)."""
         self.verifier = verifier
         self.cache = cache
         self.is_revoked = is_revoked
@@ -170,8 +271,25 @@ class AuthStage:
         self.on_cache = on_cache
         self.max_bytes = config.token.max_bytes
         self.claims_to_headers = config.claims_to_headers
+        self.proofs = proofs if proofs is not None else ProofChecker(NonceIssuer(os.urandom(32)))
+        self.host_replay = host_replay if host_replay is not None else _process_replay_guard()
+        self.remote_replay = remote_replay
+        self.dpop_policies = {
+            issuer.name: DPoPPolicy.build(issuer.dpop_algorithms, issuer.dpop_max_age, issuer.leeway, issuer.dpop_nonce)
+            for issuer in config.issuers
+        }
+        self.dpop_algs = {name: policy.algs_text() for name, policy in self.dpop_policies.items()}
 
-    def authorize(self, rules: RouteRules, token: str | None, now: float, refetched: bool = False) -> Allow | Deny | Pending:
+    def authorize(
+        self,
+        rules: RouteRules,
+        token: str | None,
+        now: float,
+        refetched: bool = False,
+        presented: Presentation = BEARER,
+    ) -> Allow | Deny | Pending | CheckReplay:
+        """Decide one request (module docstring). ``presented``: the request's proof of possession
+        (its ``Authorization`` scheme, ``DPoP`` headers, URI, client certificate)."""
         if token is None:
             return ANONYMOUS if rules.auth == "optional" else MISSING_TOKEN
         if len(token) > self.max_bytes:
@@ -194,7 +312,7 @@ class AuthStage:
             self.cache.put(key, entry)
         elif self.on_cache is not None:
             self.on_cache("hit")  # the cache returns only entries that have not expired
-        return self._route_checks(rules, entry, now)
+        return self._route_checks(rules, entry, now, token, presented)
 
     def _verify(self, token: str, now: float, rules: RouteRules) -> CachedToken:
         verified: Verified = self.verifier.verify(token, now, rules.issuers)
@@ -211,13 +329,29 @@ class AuthStage:
             claims=claims,
             identity=identity,
             allow=Allow(identity, verified.sub, verified.jti, verified.issuer.name),
+            cnf=read_confirmation(claims),
         )
 
-    def _route_checks(self, rules: RouteRules, entry: CachedToken, now: float) -> Allow | Deny:
+    def _route_checks(
+        self, rules: RouteRules, entry: CachedToken, now: float, token: str, presented: Presentation
+    ) -> Allow | Deny | CheckReplay:
         if rules.issuers is not None and entry.issuer not in rules.issuers:
             return invalid_token("issuer_not_allowed", "issuer not allowed")
         if self.is_revoked(entry.jti, entry.sub, entry.iat, now):
             return invalid_token("revoked", "token revoked")
+        proof: AcceptedProof | None = None
+        require = entry.issuer in rules.binding_required
+        if entry.cnf is not UNBOUND or require or presented is not BEARER:
+            policy = self.dpop_policies[entry.issuer]
+            try:
+                proof = enforce(
+                    entry.cnf, presented, require=require, token=token, now=now, policy=policy, checker=self.proofs
+                )
+            except BindingRejected as exc:
+                algs = self.dpop_algs[entry.issuer]
+                if exc.error == USE_DPOP_NONCE:
+                    return nonce_denied(exc.description, algs, self.proofs.nonces.current(now))
+                return binding_denied(exc.reason, exc.description, exc.error, algs if exc.dpop else None)
         if rules.scopes and not rules.scopes <= entry.scopes:
             return Deny(
                 403,
@@ -235,6 +369,15 @@ class AuthStage:
                     error="insufficient_scope",
                     www_auth=www_authenticate("insufficient_scope", f"claim requirement not met: {name}"),
                 )
+        if proof is not None:
+            # Last, so that only a request that would be forwarded spends its proof.
+            try:
+                if not self.host_replay.first_use(proof.replay_key, proof.replay_until, now):
+                    return replay_denied(self.dpop_algs[entry.issuer])
+            except ReplayCheckUnavailable:
+                return REPLAY_UNAVAILABLE
+            if self.remote_replay:
+                return CheckReplay(entry.allow, proof)
         return entry.allow
 
     def evict_issuer(self, issuer_name: str) -> None:
@@ -253,14 +396,11 @@ class AmbiguousToken(Exception):
     """
 
 
-def bearer_credential(value: bytes) -> str | None:
-    """The token of ``Bearer <token>`` (scheme case-insensitive, one or more spaces), else None.
-
-    A non-Bearer scheme (Basic, Digest) is not a bearer token, so it counts as no token.
-    """
-    if len(value) < 6 or value[:6].lower() != b"bearer":
+def _scheme_credential(value: bytes, scheme: bytes) -> str | None:
+    n = len(scheme)
+    if len(value) < n or value[:n].lower() != scheme:
         return None
-    rest = value[6:]
+    rest = value[n:]
     if not rest:
         raise MalformedAuthorization()
     if rest[:1] != b" ":
@@ -269,6 +409,25 @@ def bearer_credential(value: bytes) -> str | None:
     if not token or b" " in token.rstrip(b" ") or b"\t" in token:
         raise MalformedAuthorization()
     return token.rstrip(b" ").decode("latin-1")
+
+
+def bearer_credential(value: bytes) -> str | None:
+    """The token of ``Bearer <token>`` (scheme case-insensitive, one or more spaces), else None.
+
+    A non-Bearer scheme (Basic, Digest) is not a bearer token, so it counts as no token.
+    """
+    return _scheme_credential(value, b"bearer")
+
+
+def authorization_credential(value: bytes) -> str | None:
+    """The token of ``Bearer <token>`` or ``DPoP <token>`` (RFC 9449 §7.1), else None."""
+    token = _scheme_credential(value, b"bearer")
+    return token if token is not None else _scheme_credential(value, b"dpop")
+
+
+def uses_dpop_scheme(authorization: bytes | None) -> bool:
+    """True if the ``Authorization`` value uses the ``DPoP`` scheme (case-insensitive)."""
+    return authorization is not None and authorization[:5].lower() == b"dpop "
 
 
 def _only(found: list[str]) -> str | None:
@@ -317,7 +476,7 @@ def extract_token(
         if source.kind == "header":
             if source.name == "authorization":
                 if authorization is not None:
-                    token = bearer_credential(authorization)
+                    token = authorization_credential(authorization)
                     if token is not None:
                         return token, source
                 continue

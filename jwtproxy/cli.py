@@ -110,7 +110,7 @@ async def _verify(config: Config, token: str, issuer: str | None, route_path: st
     try:
         await worker.start([])  # no listener: the store and the keys, as a worker loads them
         stage = worker.gateway.auth
-        rules = RouteRules(route)
+        rules = RouteRules(route, config.issuers)
         decision = stage.authorize(rules, token, time.time())
         if isinstance(decision, Pending):
             await decision.wait

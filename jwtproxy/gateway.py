@@ -18,7 +18,7 @@ from typing import Any
 
 from jwtproxy.accesslog import AccessLog
 from jwtproxy.auth import AuthStage, CachedToken, RouteRules
-from jwtproxy.config import Config, RouteConfig
+from jwtproxy.config import Config, IssuerConfig, RouteConfig
 from jwtproxy.connection import ClientConnection
 from jwtproxy.headerpolicy import HeaderPolicy
 from jwtproxy.metrics import WorkerMetrics
@@ -51,10 +51,16 @@ class RouteRuntime:
         "drop_names",
     )
 
-    def __init__(self, route: RouteConfig, pool: UpstreamPool, drop_names: frozenset[bytes]) -> None:
+    def __init__(
+        self,
+        route: RouteConfig,
+        pool: UpstreamPool,
+        drop_names: frozenset[bytes],
+        issuers: tuple[IssuerConfig, ...] = (),
+    ) -> None:
         self.route = route
         self.label = (route.host + route.path_prefix) if route.host else route.path_prefix
-        self.rules = RouteRules(route)
+        self.rules = RouteRules(route, issuers)
         self.pool = pool
         self.pool_hosts = [_host_header(t.host, t.port, t.scheme) for t in pool.targets]
         self.auth_off = route.auth == "off"
@@ -107,7 +113,7 @@ class Gateway:
             drop: set[bytes] = set()
             if not route.forward_token:
                 drop.update(s.name.encode() for s in config.token.sources if s.kind == "header")
-            self.routes[id(route)] = RouteRuntime(route, self.pools[route.upstream], frozenset(drop))
+            self.routes[id(route)] = RouteRuntime(route, self.pools[route.upstream], frozenset(drop), config.issuers)
         self.token_sources = config.token.sources
         self.verifier = verifier
         self.cache: TokenCache[CachedToken] = TokenCache(config.token.cache_size)

@@ -58,6 +58,16 @@ def www_authenticate(error: str | None = None, description: str | None = None, s
     return value
 
 
+def www_authenticate_dpop(algs: str, error: str | None = None, description: str | None = None) -> bytes:
+    """The ``DPoP`` challenge of RFC 9449 §7.1 (contract §5.2): ``DPoP algs="...", error=...``."""
+    value = b"DPoP algs=" + _quoted(algs)
+    if error is not None:
+        value += b", error=" + _quoted(error)
+    if description:
+        value += b", error_description=" + _quoted(description)
+    return value
+
+
 def error_response(
     status: int,
     description: str,
@@ -68,9 +78,12 @@ def error_response(
     www_auth: bytes | None = None,
     retry_after: int | None = None,
     head_only: bool = False,
+    dpop_nonce: str | None = None,
 ) -> bytes:
-    """A complete HTTP/1.1 response with a JSON body ``{"error", "error_description"}``."""
-    before, after = _error_parts(status, description, error, www_auth, retry_after, close, head_only)
+    """A complete HTTP/1.1 response with a JSON body ``{"error", "error_description"}``.
+
+    ``dpop_nonce``: a fresh server nonce for the ``DPoP-Nonce`` header (RFC 9449 §8)."""
+    before, after = _error_parts(status, description, error, www_auth, retry_after, close, head_only, dpop_nonce)
     if request_id:
         return b"".join((before, b"x-request-id: ", request_id, b"\r\n", after))
     return before + after
@@ -85,6 +98,7 @@ def _error_parts(
     retry_after: int | None,
     close: bool,
     head_only: bool,
+    dpop_nonce: str | None = None,
 ) -> tuple[bytes, bytes]:
     """The response around its request id, rendered once: attack traffic is rejected often,
     and the vocabulary of descriptions is fixed (contract: never client content)."""
@@ -105,5 +119,7 @@ def _error_parts(
         parts += (b"www-authenticate: ", www_auth, b"\r\n")
     if retry_after is not None:
         parts += (b"retry-after: ", str(retry_after).encode(), b"\r\n")
+    if dpop_nonce is not None:
+        parts += (b"dpop-nonce: ", dpop_nonce.encode("ascii"), b"\r\n")
     tail = [b"connection: close\r\n" if close else b"", b"\r\n", b"" if head_only else body]
     return b"".join(parts), b"".join(tail)
