@@ -5,7 +5,12 @@
 //   * one resource server, indicator RESOURCE below, whose access tokens are RFC 9068 JWTs
 //     (`typ: at+jwt`, `aud: "api"`, `scope`, plus an extra `role` claim) signed with --alg;
 //   * the signing keys read from --keys (a JWKS *with* private parts, written by the Python
-//     test), so that key rotation is "restart with another key file".
+//     test), so that key rotation is "restart with another key file";
+//   * sender-constrained access tokens: DPoP (RFC 9449; any client that sends a DPoP proof to the
+//     token endpoint gets a token with cnf.jkt) and certificate-bound tokens (RFC 8705 §3; the
+//     client `mtls-app` gets cnf["x5t#S256"] of the certificate it presents, which on this plain
+//     HTTP test server arrives URL-encoded in the X-Client-Cert header, as a TLS-terminating
+//     proxy would pass it).
 //
 // Usage: node provider.js --port P --keys FILE --alg ALG [--introspection]
 //   --port 0 picks a free port. The issuer is http://127.0.0.1:<port>. Once listening, one
@@ -76,7 +81,18 @@ const CLIENTS = [
     id_token_signed_response_alg: alg,
   },
 ];
-const ROLES = { 'merchant-app': 'merchant', 'reporting-app': 'auditor' };
+CLIENTS.push({
+  client_id: 'mtls-app',
+  client_secret: 'mtls-app-secret-0123456789abcdef0123',
+  grant_types: ['client_credentials'],
+  response_types: [],
+  redirect_uris: [],
+  scope: 'payments:read',
+  token_endpoint_auth_method: 'client_secret_basic',
+  id_token_signed_response_alg: alg,
+  tls_client_certificate_bound_access_tokens: true,
+});
+const ROLES = { 'merchant-app': 'merchant', 'reporting-app': 'auditor', 'mtls-app': 'auditor' };
 if (args.introspection) {
   CLIENTS.push({
     ...INTROSPECTOR,
@@ -114,6 +130,15 @@ server.listen(Number(args.port), '127.0.0.1', () => {
       encryption: { enabled: true },
       introspection: { enabled: args.introspection },
       revocation: { enabled: args.introspection },
+      dPoP: { enabled: true },
+      mTLS: {
+        enabled: true,
+        certificateBoundAccessTokens: true,
+        getCertificate(ctx) {
+          const escaped = ctx.get('x-client-cert');
+          return escaped ? decodeURIComponent(escaped) : undefined;
+        },
+      },
       resourceIndicators: {
         enabled: true,
         defaultResource: async () => RESOURCE,
@@ -139,6 +164,9 @@ server.listen(Number(args.port), '127.0.0.1', () => {
           };
         },
       },
+    },
+    enabledJWA: {
+      dPoPSigningAlgValues: ['ES256', 'EdDSA', 'PS256', 'RS256'],
     },
     extraTokenClaims: async (ctx, token) => {
       const role = ROLES[token.clientId];
