@@ -20,6 +20,9 @@ from jwtproxy.accesslog import AccessLog
 from jwtproxy.auth import AuthStage, CachedToken, RouteRules
 from jwtproxy.config import Config, IssuerConfig, RouteConfig
 from jwtproxy.connection import ClientConnection
+from jwtproxy.dpop import ProofChecker
+from jwtproxy.dpopreplay import HostReplayGuard, RedisReplayGuard
+from jwtproxy.forwarded import ProxyTrust
 from jwtproxy.headerpolicy import HeaderPolicy
 from jwtproxy.metrics import WorkerMetrics
 from jwtproxy.revocation import IsRevoked
@@ -78,11 +81,20 @@ def _host_header(host: str, port: int, scheme: str) -> bytes:
     return (shown if port == default else f"{shown}:{port}").encode("ascii")
 
 
-def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
-    """TLS 1.2+ with the library's modern defaults and ALPN http/1.1."""
+def server_ssl_context(cert: str, key: str, client_ca: str = "", client_cert: str = "optional") -> ssl.SSLContext:
+    """TLS 1.2+ with the library's modern defaults and ALPN http/1.1.
+
+    With ``client_ca`` the listener asks for a client certificate that must chain to that bundle
+    (a certificate that does not fails the handshake); ``client_cert = "required"`` also fails a
+    handshake without one. Built by every worker at start, so a reload (SIGHUP: new workers)
+    re-reads the certificate, the key and the CA bundle.
+    """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
+    if client_ca:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED if client_cert == "required" else ssl.CERT_OPTIONAL
     context.set_alpn_protocols(["http/1.1"])
     context.options |= ssl.OP_NO_COMPRESSION
     return context
@@ -99,7 +111,12 @@ class Gateway:
         metrics: WorkerMetrics,
         is_revoked: IsRevoked,
         refetch_unknown_kid: Callable[[str], asyncio.Future[bool]],
+        proofs: ProofChecker | None = None,
+        replay_host: HostReplayGuard | None = None,
+        replay_remote: RedisReplayGuard | None = None,
     ) -> None:
+        """``proofs``/``replay_host``: the DPoP checker and the host-wide jti guard (defaults
+        for a single process); ``replay_remote``: the cross-node jti guard (Redis), if any."""
         self.config = config
         self.metrics = metrics
         self.access_log = AccessLog(config.server.access_log)
@@ -124,7 +141,13 @@ class Gateway:
             is_revoked,
             refetch_unknown_kid,
             on_cache=metrics.token_cache,
+            proofs=proofs,
+            host_replay=replay_host,
+            remote_replay=replay_remote is not None,
         )
+        self.replay_remote = replay_remote
+        #: Who may speak for the client (X-Forwarded-*, client_cert_header), contract §5.2.
+        self.proxies = ProxyTrust(config.server.trusted_proxies, config.server.client_cert_header)
         self.connections: set[ClientConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self._request_prefix = os.urandom(6).hex().encode() + b"-"
@@ -145,7 +168,11 @@ class Gateway:
             return
         loop = asyncio.get_running_loop()
         server = self.config.server
-        context = server_ssl_context(server.tls_cert, server.tls_key) if server.tls_cert else None
+        context = (
+            server_ssl_context(server.tls_cert, server.tls_key, server.tls_client_ca, server.tls_client_cert)
+            if server.tls_cert
+            else None
+        )
         for sock in sockets:
             self.servers.append(
                 await loop.create_server(self.protocol_factory, sock=sock, ssl=context, backlog=1024)

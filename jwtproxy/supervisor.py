@@ -61,6 +61,7 @@ from . import systemd
 from .accesslog import log_event
 from .admin import compute_readiness, make_admin_app
 from .config import Config, ConfigError, ListenAddr, RevocationConfig
+from .dpopreplay import TABLE_CAPACITY
 from .metrics import (
     METRICS_CONTENT_TYPE,
     SupervisorMetrics,
@@ -69,6 +70,7 @@ from .metrics import (
     render_metrics,
 )
 from .revocation import Log, RevocationStore, open_store, parse_revocation_request
+from .sharedtable import SharedTable
 from .workerlink import WorkerControl, WorkerInheritance
 
 __all__ = ["Supervisor", "WorkerTarget", "bind_listener"]
@@ -196,6 +198,10 @@ class Supervisor:
         self._metrics: SupervisorMetrics | None = None
         self._own_metrics_dir: str | None = None
         self._keys_dir: str | None = None
+        # Made once per daemon and inherited by every worker of every generation (contract §5.2):
+        # DPoP nonces from any worker are good on all, and a proof is single-use host-wide.
+        self._dpop_nonce_secret = os.urandom(32)
+        self._dpop_replay = SharedTable(TABLE_CAPACITY, values=0)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[int] | None = None
         self._changed: asyncio.Future[None] | None = None
@@ -364,6 +370,8 @@ class Supervisor:
                 # The supervisor's revocation mirror, so a worker started while the backend is
                 # unreachable (a respawn, a reload) still enforces every known revocation.
                 revocations=self._store.snapshot() if self._store is not None else None,
+                dpop_nonce_secret=self._dpop_nonce_secret,
+                dpop_replay=self._dpop_replay,
             )
             target = self._target or _default_target()
             import uvloop

@@ -40,6 +40,8 @@ from typing import Any
 
 from jwtproxy.accesslog import log_event
 from jwtproxy.config import Config
+from jwtproxy.dpop import NonceIssuer, ProofChecker
+from jwtproxy.dpopreplay import HostReplayGuard, RedisReplayGuard
 from jwtproxy.gateway import Gateway
 from jwtproxy.jwks import FetchPolicy, KeyManager
 from jwtproxy.metrics import WorkerMetrics
@@ -83,12 +85,22 @@ class Worker:
             policy=fetch_policy,
             last_good_dir=inheritance.last_good_keys_dir,
         )
+        # Sender-constrained tokens (contract §5.2): the nonce key and the proof jti table come
+        # from the supervisor, so every worker of the host agrees; across nodes, proofs are
+        # recorded on the revocation Redis.
+        secret = inheritance.dpop_nonce_secret or os.urandom(32)
+        self.replay_remote = (
+            RedisReplayGuard(config.revocation.redis_url) if config.revocation.backend == "redis" else None
+        )
         self.gateway = Gateway(
             config,
             verifier=verifier,
             metrics=self.metrics,
             is_revoked=store.is_revoked,
             refetch_unknown_kid=self.keys.refetch_unknown_kid,
+            proofs=ProofChecker(NonceIssuer(secret)),
+            replay_host=HostReplayGuard(inheritance.dpop_replay) if inheritance.dpop_replay is not None else None,
+            replay_remote=self.replay_remote,
         )
 
     def _keys_changed(self, issuer: str) -> None:
@@ -119,6 +131,8 @@ class Worker:
         await self.gateway.drain(timeout)
         await self.keys.close()
         await self.store.close()
+        if self.replay_remote is not None:
+            await self.replay_remote.close()
 
 
 def _store_log(message: str, *args: Any) -> None:

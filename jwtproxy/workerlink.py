@@ -10,7 +10,12 @@ takes over from its parent, one field per kind:
 * ``last_good_keys_dir`` -- the supervisor's private directory where workers leave each
   issuer's last good JWKS, so a worker started while an IdP is down begins with its peers' keys;
 * ``revocations`` -- the supervisor's revocation mirror at fork, so a worker started while the
-  backend is down still enforces every revocation known so far.
+  backend is down still enforces every revocation known so far;
+* ``dpop_nonce_secret`` -- the key of the stateless DPoP server nonces (``jwtproxy.dpop``), made
+  once per daemon, so a nonce issued by one worker is good on every worker and after reloads;
+* ``dpop_replay`` -- the host-wide table of DPoP proof ``jti`` values already used
+  (``jwtproxy.dpopreplay``), shared memory created before the first fork, so a proof is good
+  once on the whole host, across workers and reload generations.
 
 A later feature that hands something new to workers (a shared-memory table, a key generated
 once per daemon, a secret all workers must share) adds a field here with a default that means
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jwtproxy.revocation import RevocationSnapshot
+from jwtproxy.sharedtable import SharedTable
 
 __all__ = ["WorkerControl", "WorkerInheritance"]
 
@@ -110,3 +116,5 @@ class WorkerInheritance:
     control: WorkerControl = field(default_factory=lambda: WorkerControl(0))
     last_good_keys_dir: str | None = None
     revocations: RevocationSnapshot | None = None
+    dpop_nonce_secret: bytes | None = field(default=None, repr=False)  # None: the worker makes one
+    dpop_replay: SharedTable | None = None  # None: the worker's own table (it is the whole host)
