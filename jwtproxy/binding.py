@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from jwtproxy.dpop import AcceptedProof, DPoPPolicy, ProofChecker, ProofRejected
+from jwtproxy.dpop import AcceptedProof, DPoPPolicy, ProofChecker, ProofRejected, request_htu
 from jwtproxy.jose import TokenRejected
 from jwtproxy.mtls import binding_matches
 
@@ -54,6 +54,7 @@ __all__ = [
     "Presentation",
     "enforce",
     "read_confirmation",
+    "request_presentation",
 ]
 
 INVALID_TOKEN: Final = "invalid_token"
@@ -118,6 +119,32 @@ class Presentation:
 
 #: A request that presents nothing but its token (the common case).
 BEARER: Final = Presentation()
+
+
+def request_presentation(
+    *,
+    method: bytes,
+    target: bytes,
+    scheme: bytes,
+    authority: bytes | None,
+    dpop_scheme: bool,
+    proofs: tuple[str, ...],
+    cert: str | None,
+) -> Presentation:
+    """The presentation of one request, as a shell sees it: ``target`` as sent (origin- or
+    absolute-form), ``scheme`` and ``authority`` as the client addressed them (the listener and
+    ``Host``, or what a trusted proxy said). :data:`BEARER` when there is nothing to present."""
+    if not dpop_scheme and not proofs and cert is None:
+        return BEARER
+    htu: str | None = None
+    if proofs and authority:
+        path = target.split(b"?", 1)[0]
+        if not path.startswith(b"/"):  # absolute-form: the path follows the authority
+            rest = path.partition(b"://")[2]
+            slash = rest.find(b"/")
+            path = rest[slash:] if slash >= 0 else b""
+        htu = request_htu(scheme.decode("latin-1"), authority.decode("latin-1"), path.decode("latin-1"))
+    return Presentation(dpop_scheme, proofs, method.decode("latin-1"), htu, cert)
 
 
 class BindingRejected(Exception):

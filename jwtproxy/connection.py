@@ -38,7 +38,25 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
-from jwtproxy.auth import ANONYMOUS, Allow, AmbiguousToken, Deny, MalformedAuthorization, Pending, extract_token, invalid_token
+from jwtproxy.auth import (
+    ANONYMOUS,
+    REPLAY_UNAVAILABLE,
+    Allow,
+    AmbiguousToken,
+    CheckReplay,
+    Deny,
+    MalformedAuthorization,
+    Pending,
+    extract_token,
+    invalid_token,
+    replay_denied,
+    uses_dpop_scheme,
+)
+from jwtproxy.binding import BEARER, Presentation, request_presentation
+from jwtproxy.config import TokenSource
+from jwtproxy.dpopreplay import ReplayCheckUnavailable
+from jwtproxy.forwarded import Forwarded
+from jwtproxy.mtls import header_thumbprint, peer_thumbprint
 from jwtproxy.codec import ProtocolError, RequestHead, make_codec
 from jwtproxy.headerpolicy import ScannedHead, response_head, scan_request_head
 from jwtproxy.lifecycle import (
@@ -124,6 +142,7 @@ class Exchange:
         "path",
         "query",
         "authority",
+        "forwarded",
         "auth",
         "deny_reason",
         "upstream",
@@ -154,6 +173,7 @@ class Exchange:
         self.path = ""
         self.query = ""
         self.authority: str | None = None
+        self.forwarded: Forwarded | None = None  # what a trusted proxy said; None: not trusted
         self.auth: Allow = ANONYMOUS
         self.deny_reason: str | None = None
         self.upstream: UpstreamConnection | None = None
@@ -275,6 +295,9 @@ class ClientConnection(asyncio.Protocol):
         self.reading = ReadGate()
         self.client_ip = b"unknown"
         self.proto = b"http"
+        self.peer = ""  # the peer's address as text
+        self.trusted_peer = False  # in [server] trusted_proxies: its X-Forwarded-* count
+        self.peer_cert: str | None = None  # x5t#S256 of the TLS client certificate, if any
         self.current: Exchange | None = None  # the exchange whose response goes out next
         self.receiving: Exchange | None = None  # the exchange whose request bytes are arriving
         self.queue: deque[Exchange] = deque()
@@ -294,9 +317,13 @@ class ClientConnection(asyncio.Protocol):
         self.transport = self.reading.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
-            self.client_ip = str(peer[0]).encode()
+            self.peer = str(peer[0])
+            self.client_ip = self.peer.encode()
+            self.trusted_peer = self.gw.proxies.trusts(self.peer)
         if transport.get_extra_info("sslcontext") is not None:
             self.proto = b"https"
+            # Once per connection: the handshake is over when the protocol sees the connection.
+            self.peer_cert = peer_thumbprint(transport.get_extra_info("ssl_object"))
         self.gw.connections.add(self)
         self._set_deadline(self.gw.config.server.header_timeout, "head")
 
@@ -443,6 +470,8 @@ class ClientConnection(asyncio.Protocol):
         ex.path = path
         ex.query = query
         ex.authority = authority
+        if self.trusted_peer:
+            ex.forwarded = gw.proxies.forwarded(self.peer, ex.head.headers)
         route = gw.router.match(host, path)
         if route is None:
             self._answer(ex, 404, "no route")
@@ -462,15 +491,43 @@ class ClientConnection(asyncio.Protocol):
             self.gw.metrics.auth_failure("ambiguous_token")
             self._answer(ex, 400, "more than one token in the request")
             return
-        decision = gw.auth.authorize(runtime.rules, token, time.time())
+        presented = self._presentation(ex, source) if token is not None else BEARER
+        decision = gw.auth.authorize(runtime.rules, token, time.time(), presented=presented)
         if isinstance(decision, Allow):
             self._forward(ex, runtime, decision)
         elif isinstance(decision, Deny):
             self._deny(ex, decision)
+        elif isinstance(decision, CheckReplay):
+            ex.state = advance(ex.state, DEFER)
+            self.reading.pause("buffer")
+            ex.task = self.loop.create_task(self._after_replay_check(ex, runtime, decision))
         else:
             ex.state = advance(ex.state, DEFER)
             self.reading.pause("buffer")
-            ex.task = self.loop.create_task(self._after_refetch(ex, runtime, decision, token))
+            ex.task = self.loop.create_task(self._after_refetch(ex, runtime, decision, token, presented))
+
+    def _presentation(self, ex: Exchange, source: TokenSource | None) -> Presentation:
+        """What this request offers as proof of possession (contract §5.2)."""
+        scanned = ex.scanned
+        fwd = ex.forwarded
+        cert = self.peer_cert
+        if fwd is not None and fwd.client_cert is not None:
+            cert = header_thumbprint(fwd.client_cert)  # the client's, vouched for by the proxy
+        authority = ex.authority.encode("latin-1") if ex.authority is not None else scanned.host
+        scheme = self.proto
+        if fwd is not None:
+            scheme = fwd.proto or scheme
+            authority = fwd.host or authority
+        return request_presentation(
+            method=ex.head.method,
+            target=ex.head.target,
+            scheme=scheme,
+            authority=authority,
+            dpop_scheme=source is not None and source.name == "authorization" and source.kind == "header"
+            and uses_dpop_scheme(scanned.authorization),
+            proofs=scanned.dpop,
+            cert=cert,
+        )
 
     def _begin_queued(self, ex: Exchange) -> None:
         if not self.closed and self.current is ex and ex.state == WAITING:
@@ -479,7 +536,37 @@ class ClientConnection(asyncio.Protocol):
             except Exception:
                 self.internal_error(ex)
 
-    async def _after_refetch(self, ex: Exchange, runtime: RouteRuntime, pending: Pending, token: str | None) -> None:
+    async def _after_replay_check(self, ex: Exchange, runtime: RouteRuntime, check: CheckReplay) -> None:
+        """Record the proof's jti across nodes (Redis) before forwarding; fail closed."""
+        remote = self.gw.replay_remote
+        issuer = check.allow.issuer or ""
+        decision: Allow | Deny
+        try:
+            first = remote is not None and await remote.first_use(
+                check.proof.replay_key, check.proof.replay_until, time.time()
+            )
+            decision = check.allow if first else replay_denied(self.gw.auth.dpop_algs.get(issuer, ""))
+        except ReplayCheckUnavailable:
+            decision = REPLAY_UNAVAILABLE
+        except Exception:  # CancelledError (a BaseException) passes: the exchange was dropped
+            ex.task = None
+            self.internal_error(ex)
+            return
+        ex.task = None
+        if self.closed:
+            return
+        try:
+            self.reading.resume("buffer")
+            if isinstance(decision, Allow):
+                self._forward(ex, runtime, decision)
+            else:
+                self._deny(ex, decision)
+        except Exception:
+            self.internal_error(ex)
+
+    async def _after_refetch(
+        self, ex: Exchange, runtime: RouteRuntime, pending: Pending, token: str | None, presented: Presentation
+    ) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(pending.wait), 10.0)
         except asyncio.CancelledError:
@@ -491,11 +578,13 @@ class ClientConnection(asyncio.Protocol):
             return
         try:
             self.reading.resume("buffer")
-            decision = self.gw.auth.authorize(runtime.rules, token, time.time(), refetched=True)
+            decision = self.gw.auth.authorize(runtime.rules, token, time.time(), refetched=True, presented=presented)
             if isinstance(decision, Allow):
                 self._forward(ex, runtime, decision)
             elif isinstance(decision, Deny):
                 self._deny(ex, decision)
+            elif isinstance(decision, CheckReplay):
+                ex.task = self.loop.create_task(self._after_replay_check(ex, runtime, decision))
             else:
                 self._deny(ex, invalid_token("unknown_kid", "unknown key"))
         except Exception:
@@ -518,6 +607,7 @@ class ClientConnection(asyncio.Protocol):
             error=deny.error,
             www_auth=deny.www_authenticate,
             retry_after=deny.retry_after,
+            dpop_nonce=deny.dpop_nonce,
         )
 
     # -- forwarding -----------------------------------------------------------------------------------
@@ -561,6 +651,12 @@ class ClientConnection(asyncio.Protocol):
         path = strip_prefix(runtime.route, ex.path) if runtime.strip_prefix else ex.path
         target = (path + ex.query).encode("latin-1")
         client_host = (ex.authority.encode("latin-1") if ex.authority is not None else scanned.host) or b""
+        fwd = ex.forwarded
+        proto = self.proto
+        forwarded_host = client_host
+        if fwd is not None:  # a trusted proxy's view of the client is what the upstream hears
+            proto = fwd.proto or proto
+            forwarded_host = fwd.host or forwarded_host
         if runtime.preserve_host and client_host:
             host = client_host
         else:
@@ -577,13 +673,13 @@ class ClientConnection(asyncio.Protocol):
             head.headers,
             scanned,
             host=host,
-            forwarded_host=client_host,
+            forwarded_host=forwarded_host,
             client_ip=self.client_ip,
-            proto=self.proto,
+            proto=proto,
             request_id=ex.request_id,
             identity=ex.auth.identity,
             forward_authorization=runtime.forward_token or runtime.auth_off,
-            drop_names=runtime.drop_names,
+            drop_names=runtime.drop_names if self.trusted_peer else runtime.drop_untrusted,
             framing=framing,
             upgrade=b"websocket" if ex.upgrade else None,
         )
@@ -640,6 +736,7 @@ class ClientConnection(asyncio.Protocol):
         error: str | None = None,
         www_auth: bytes | None = None,
         retry_after: int | None = None,
+        dpop_nonce: str | None = None,
     ) -> None:
         """Answer ``ex`` with an error from the gateway itself."""
         if ex.upstream is not None:
@@ -659,6 +756,7 @@ class ClientConnection(asyncio.Protocol):
                 www_auth=www_auth,
                 retry_after=retry_after,
                 head_only=ex.head.method == b"HEAD",
+                dpop_nonce=dpop_nonce,
             )
         )
         self.complete(ex)
@@ -739,7 +837,7 @@ class ClientConnection(asyncio.Protocol):
                     "auth": ex.deny_reason or ("ok" if auth.sub else "anonymous"),
                     "bytes_in": ex.body_bytes,
                     "bytes_out": ex.bytes_out,
-                    "client": self.client_ip.decode("latin-1"),
+                    "client": ex.forwarded.client if ex.forwarded is not None else self.peer or "unknown",
                 }
             )
 

@@ -52,6 +52,7 @@ class RouteRuntime:
         "preserve_host",
         "response_timeout",
         "drop_names",
+        "drop_untrusted",
     )
 
     def __init__(
@@ -60,6 +61,7 @@ class RouteRuntime:
         pool: UpstreamPool,
         drop_names: frozenset[bytes],
         issuers: tuple[IssuerConfig, ...] = (),
+        untrusted_drop: frozenset[bytes] = frozenset(),
     ) -> None:
         self.route = route
         self.label = (route.host + route.path_prefix) if route.host else route.path_prefix
@@ -73,6 +75,8 @@ class RouteRuntime:
         self.preserve_host = pool.config.preserve_host
         self.response_timeout = pool.config.response_timeout
         self.drop_names = drop_names
+        # From a peer that is not a trusted proxy, its client_cert_header is removed as well.
+        self.drop_untrusted = drop_names | untrusted_drop
 
 
 def _host_header(host: str, port: int, scheme: str) -> bytes:
@@ -121,6 +125,8 @@ class Gateway:
         self.metrics = metrics
         self.access_log = AccessLog(config.server.access_log)
         self.router = Router(config.routes)
+        #: Who may speak for the client (X-Forwarded-*, client_cert_header), contract §5.2.
+        self.proxies = ProxyTrust(config.server.trusted_proxies, config.server.client_cert_header)
         self.policy = HeaderPolicy(name for name, _ in config.claims_to_headers)
         self.pools = {
             name: UpstreamPool(upstream) for name, upstream in config.upstreams.items()
@@ -130,7 +136,9 @@ class Gateway:
             drop: set[bytes] = set()
             if not route.forward_token:
                 drop.update(s.name.encode() for s in config.token.sources if s.kind == "header")
-            self.routes[id(route)] = RouteRuntime(route, self.pools[route.upstream], frozenset(drop), config.issuers)
+            self.routes[id(route)] = RouteRuntime(
+                route, self.pools[route.upstream], frozenset(drop), config.issuers, self.proxies.untrusted_drop
+            )
         self.token_sources = config.token.sources
         self.verifier = verifier
         self.cache: TokenCache[CachedToken] = TokenCache(config.token.cache_size)
@@ -146,8 +154,6 @@ class Gateway:
             remote_replay=replay_remote is not None,
         )
         self.replay_remote = replay_remote
-        #: Who may speak for the client (X-Forwarded-*, client_cert_header), contract §5.2.
-        self.proxies = ProxyTrust(config.server.trusted_proxies, config.server.client_cert_header)
         self.connections: set[ClientConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self._request_prefix = os.urandom(6).hex().encode() + b"-"

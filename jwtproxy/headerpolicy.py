@@ -57,6 +57,8 @@ OWNED_REQUEST = frozenset(
         b"x-request-id",
     }
 )
+# Consumed by the gateway and never forwarded: a DPoP proof is for this hop only (contract §5.2).
+CONSUMED_REQUEST = frozenset({b"dpop"})
 OWNED_RESPONSE = frozenset({b"content-length", b"x-request-id"})
 _RESPONSE_DROP = HOP_BY_HOP | OWNED_RESPONSE
 _NO_NAMES: frozenset[bytes] = frozenset()
@@ -91,6 +93,7 @@ class ScannedHead:
         "upgrade",
         "request_id",
         "forwarded_for",
+        "dpop",
     )
 
     def __init__(self) -> None:
@@ -103,6 +106,7 @@ class ScannedHead:
         self.upgrade: bytes | None = None
         self.request_id: bytes | None = None
         self.forwarded_for: bytes | None = None
+        self.dpop: tuple[str, ...] = ()  # every DPoP proof header, in order (RFC 9449 §4.1)
 
 
 _SCANNED = frozenset(
@@ -116,6 +120,7 @@ _SCANNED = frozenset(
         b"upgrade",
         b"x-request-id",
         b"x-forwarded-for",
+        b"dpop",
     }
 )
 
@@ -163,6 +168,8 @@ def scan_request_head(head: RequestHead) -> ScannedHead:
             scanned.upgrade = value.strip().lower()
         elif name == b"x-request-id":
             scanned.request_id = value if _REQUEST_ID_RE.fullmatch(value) else None
+        elif name == b"dpop":
+            scanned.dpop += (value.strip(b" \t").decode("latin-1"),)
         elif name == b"x-forwarded-for":
             if scanned.forwarded_for is None:
                 scanned.forwarded_for = value
@@ -199,7 +206,12 @@ class HeaderPolicy:
         if verdict is None:
             if name == b"authorization":
                 verdict = AUTHORIZATION
-            elif name in HOP_BY_HOP or name in OWNED_REQUEST or header_key(name) in self.identity_keys:
+            elif (
+                name in HOP_BY_HOP
+                or name in OWNED_REQUEST
+                or name in CONSUMED_REQUEST
+                or header_key(name) in self.identity_keys
+            ):
                 verdict = DROP
             else:
                 verdict = KEEP
