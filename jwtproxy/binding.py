@@ -48,6 +48,7 @@ from jwtproxy.mtls import binding_matches
 
 __all__ = [
     "BEARER",
+    "FAILURE_REASONS",
     "UNBOUND",
     "BindingRejected",
     "Confirmation",
@@ -59,6 +60,16 @@ __all__ = [
 
 INVALID_TOKEN: Final = "invalid_token"
 INVALID_DPOP_PROOF: Final = "invalid_dpop_proof"
+
+#: Every ``reason`` (``jwtproxy_auth_failures_total{reason}``) sender-constrained tokens add: the
+#: proof checks of :mod:`jwtproxy.dpop`, the binding table above, and the replay guards.
+FAILURE_REASONS: Final = (
+    "dpop_malformed", "dpop_typ", "dpop_alg", "dpop_jwk", "dpop_signature", "dpop_key_mismatch",
+    "dpop_jti", "dpop_htm", "dpop_htu", "dpop_iat", "dpop_ath", "dpop_nonce", "dpop_multiple",
+    "dpop_replay", "dpop_replay_unavailable", "unsupported_binding", "binding_dpop_scheme",
+    "binding_dpop_missing", "binding_not_dpop", "binding_cert_missing", "binding_cert_mismatch",
+    "binding_required",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -416,3 +416,18 @@ def test_authorization_schemes(value: bytes, token: str | None, dpop_scheme: boo
 def test_malformed_dpop_authorization(value: bytes) -> None:
     with pytest.raises(MalformedAuthorization):
         authorization_credential(value)
+
+
+def test_failure_reasons_name_every_reason_the_code_gives() -> None:
+    import re
+    from pathlib import Path
+
+    from jwtproxy import auth, binding, dpop
+
+    given: set[str] = set()
+    for module in (auth, binding, dpop):
+        text = Path(module.__file__ or "").read_text()
+        # The list itself is not evidence: only the places that give a reason count.
+        text = re.sub(r"FAILURE_REASONS: Final = \(.*?\)", "", text, flags=re.S)
+        given |= set(re.findall(r'"((?:dpop|binding)_[a-z_]+|unsupported_binding)"', text))
+    assert given == set(binding.FAILURE_REASONS)
