@@ -17,6 +17,7 @@ from typing import Final
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
     "DEFAULT_ALGORITHMS",
+    "DPOP_DEFAULT_ALGORITHMS",
     "EC_ALGORITHMS",
     "HMAC_ALGORITHMS",
     "KNOWN_ALGORITHMS",
@@ -41,3 +42,6 @@ KNOWN_ALGORITHMS: Final[tuple[str, ...]] = (*RSA_ALGORITHMS, *EC_ALGORITHMS, *OK
 #: The default allowlist: every asymmetric algorithm. HS* must be asked for explicitly, because it
 #: only works together with ``hs_secret``.
 DEFAULT_ALGORITHMS: Final[tuple[str, ...]] = tuple(a for a in KNOWN_ALGORITHMS if a not in HMAC_ALGORITHMS)
+#: The default ``dpop_algorithms``: what DPoP clients sign with (RFC 9449 proofs are signed with the
+#: client's own key pair, so only asymmetric algorithms can ever be listed).
+DPOP_DEFAULT_ALGORITHMS: Final[tuple[str, ...]] = ("ES256", "EdDSA", "PS256", "RS256")

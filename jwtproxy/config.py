@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from jwtproxy.algorithms import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, KNOWN_ALGORITHMS
+from jwtproxy.algorithms import DEFAULT_ALGORITHMS, DPOP_DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, KNOWN_ALGORITHMS
 from jwtproxy.forwarded import parse_networks
 from jwtproxy.routing import BadRequest, normalise_path
 
@@ -78,8 +78,6 @@ __all__ = [
 # RFC 7518 §3.2: an HMAC key must be at least as long as the hash output; 32 bytes covers HS256 and is
 # the floor contract §3 sets for every HS algorithm.
 MIN_HS_SECRET_BYTES: Final = 32
-# Contract §5.2: a DPoP proof is signed by a client's own key, so only asymmetric algorithms.
-DPOP_DEFAULT_ALGORITHMS: Final[tuple[str, ...]] = ("ES256", "EdDSA", "PS256", "RS256")
 DEFAULT_CLAIMS_TO_HEADERS: Final[tuple[tuple[str, str], ...]] = (
     ("x-user-id", "sub"),
     ("x-user-role", "role"),

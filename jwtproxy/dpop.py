@@ -89,6 +89,7 @@ from typing import Any, Final
 from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry
 
+from jwtproxy.algorithms import DPOP_DEFAULT_ALGORITHMS
 from jwtproxy.jose import TokenRejected, parse_compact
 from jwtproxy.keys import ASYMMETRIC_ALGORITHMS, PRIVATE_MEMBERS, SignatureVerifier, UnfitKey, verifiers_for_jwk
 from jwtproxy.verifier import normalise_typ
@@ -114,7 +115,7 @@ KEY_CACHE_SIZE: Final = 1024
 #: Length of a nonce time slot; a nonce is accepted in its own slot and the next one.
 NONCE_SLOT_SECONDS: Final = 60
 #: ``[[issuer]] dpop_algorithms`` when absent.
-DEFAULT_ALGORITHMS: Final = ("ES256", "EdDSA", "PS256", "RS256")
+DEFAULT_ALGORITHMS: Final = DPOP_DEFAULT_ALGORITHMS
 
 INVALID_DPOP_PROOF: Final = "invalid_dpop_proof"
 USE_DPOP_NONCE: Final = "use_dpop_nonce"

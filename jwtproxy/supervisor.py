@@ -201,7 +201,7 @@ class Supervisor:
         # Made once per daemon and inherited by every worker of every generation (contract §5.2):
         # DPoP nonces from any worker are good on all, and a proof is single-use host-wide.
         self._dpop_nonce_secret = os.urandom(32)
-        self._dpop_replay = SharedTable(TABLE_CAPACITY, values=0)
+        self._dpop_replay: SharedTable | None = None  # made in _main, before the first fork
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[int] | None = None
         self._changed: asyncio.Future[None] | None = None
@@ -241,6 +241,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
         try:
+            self._dpop_replay = SharedTable(TABLE_CAPACITY, values=0)
             # Bind the admin port before forking (a bad address fails the start cleanly),
             # but open the store and serve afterwards: workers start sooner and inherit
             # fewer of the supervisor's connections.
@@ -720,6 +721,9 @@ class Supervisor:
             shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
         if self._keys_dir is not None:
             shutil.rmtree(self._keys_dir, ignore_errors=True)
+        if self._dpop_replay is not None:
+            self._dpop_replay.close()  # the workers that shared it are gone
+            self._dpop_replay = None
 
     @staticmethod
     def _close_sockets(sockets: Iterable[socket.socket]) -> None:
