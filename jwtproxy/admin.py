@@ -1,7 +1,9 @@
 """The admin HTTP API (aiohttp.web), served by the supervisor on ``[admin] listen`` only.
 
 Routes: ``GET /healthz``, ``GET /readyz``, ``GET /metrics``, ``POST /revocations``,
-``GET /revocations``, ``DELETE /revocations/{jti}``, ``DELETE /revocations/sub/{sub}``.
+``GET /revocations``, ``DELETE /revocations/{jti}``, ``DELETE /revocations/sub/{sub}``, and
+with a ``status`` callable the status page: ``GET /`` with its ``/static/`` script and
+stylesheet, and ``GET /status`` (JSON; see ``jwtproxy.statuspage``).
 
 Theory of operation
 -------------------
@@ -11,7 +13,9 @@ Theory of operation
   supervisor, so the app is tested alone with fakes and follows a config reload (a new
   ``admin.token`` applies to the next request).
 * Authentication: when the token is non-empty, *every* request (probes included) must carry
-  ``Authorization: Bearer <token>``; the comparison is ``hmac.compare_digest`` on bytes so
+  ``Authorization: Bearer <token>``, except the status page's shell and assets
+  (``statuspage.PUBLIC_PATHS``: constant bytes, no data; the data at ``/status`` needs the
+  token like the rest). The comparison is ``hmac.compare_digest`` on bytes so
   its time does not depend on where the first wrong byte is. Failure: 401 with
   ``WWW-Authenticate``; the presented value is never logged.
 * Request bodies are capped (64 KiB by default, 413 beyond) before any parsing.
@@ -30,6 +34,7 @@ from aiohttp import web
 
 from .accesslog import log_event
 from .revocation import RevocationStore
+from .statuspage import PUBLIC_PATHS, add_status_routes
 
 __all__ = ["make_admin_app", "compute_readiness", "MAX_ADMIN_BODY"]
 
@@ -90,6 +95,7 @@ def make_admin_app(
     now: Callable[[], float] = time.time,
     log: Callable[..., None] = log_event,
     max_body: int = MAX_ADMIN_BODY,
+    status: Callable[[], Json] | None = None,
 ) -> web.Application:
     """Build the admin application.
 
@@ -99,6 +105,7 @@ def make_admin_app(
     parse_revocation: ``jwtproxy.revocation.parse_revocation_request`` -- body bytes and
         ``now`` to ``("jti", jti, exp)`` or ``("sub", sub, before)``; ValueError -> 400.
     token: returns the current admin token ("" = no authentication).
+    status: returns the ``GET /status`` document; None leaves the status page out.
     """
 
     @web.middleware
@@ -106,7 +113,8 @@ def make_admin_app(
                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:
         expected = token()
-        if expected:
+        public = status is not None and request.method in ("GET", "HEAD") and request.path in PUBLIC_PATHS
+        if expected and not public:
             header = request.headers.get("Authorization", "")
             scheme, _, presented = header.partition(" ")
             presented = presented.strip(" ")
@@ -225,5 +233,7 @@ def make_admin_app(
     # Registered before /revocations/{jti} so that "sub/<sub>" never reads as a jti.
     app.router.add_delete("/revocations/sub/{sub}", delete_sub)
     app.router.add_delete("/revocations/{jti}", delete_jti)
+    if status is not None:
+        add_status_routes(app, status)
     return app
 

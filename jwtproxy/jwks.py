@@ -154,6 +154,12 @@ def _kids(keyset: KeySet) -> list[str]:
     return sorted(keyset.by_kid)
 
 
+def _key_list(keyset: KeySet) -> list[dict[str, str | None]]:
+    """Each (kid, alg) pair once, sorted: what an operator compares with the IdP's JWKS."""
+    pairs = sorted({(v.kid or "", v.alg) for v in keyset.verifiers})
+    return [{"kid": kid or None, "alg": alg} for kid, alg in pairs]
+
+
 def _empty_is_failure(keyset: KeySet, st: _Issuer) -> bool:
     """Invariant 1: an empty key set only replaces "no JWKS keys" of an issuer with hs_secret."""
     if len(keyset):
@@ -174,8 +180,8 @@ class _Issuer:
     """Mutable per-issuer state; only KeyManager touches it, on the event loop thread."""
 
     __slots__ = (
-        "cfg", "kind", "source", "keyset", "last_success", "last_error",
-        "failures", "period", "next_delay", "inflight", "last_refetch", "loop_task",
+        "cfg", "kind", "source", "keyset", "last_success", "last_error", "last_failure",
+        "failures", "period", "next_delay", "next_refresh", "inflight", "last_refetch", "loop_task",
     )  # fmt: skip
 
     def __init__(self, cfg: IssuerConfig) -> None:
@@ -192,9 +198,13 @@ class _Issuer:
         self.keyset: KeySet | None = None
         self.last_success: float | None = None  # wall clock, for humans reading /readyz
         self.last_error: str | None = None
+        # (wall clock, reason) of the latest failure; unlike last_error it outlives a success,
+        # so the status page can still say why tokens failed a while ago.
+        self.last_failure: tuple[float, str] | None = None
         self.failures = 0  # consecutive
         self.period: float = cfg.jwks_refresh  # current refresh period after a success
         self.next_delay: float = cfg.jwks_refresh  # what the refresh task sleeps next
+        self.next_refresh: float | None = None  # wall clock the refresh task wakes up at
         self.inflight: asyncio.Task[bool] | None = None
         self.last_refetch: float | None = None  # monotonic start of the last unknown-kid refetch
         self.loop_task: asyncio.Task[None] | None = None
@@ -326,13 +336,20 @@ class KeyManager:
         return asyncio.shield(self._shared_load(st))
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """Per issuer, for /readyz: loaded, kids, last_success (unix time), last_error, source."""
+        """Per issuer, for /readyz and the status page: loaded, kids, keys (each ``{"kid",
+        "alg"}``), last_success, last_error (the current failure, None once a load succeeds),
+        last_failure (``{"at", "reason"}`` of the latest failure, kept after a success),
+        next_refresh (unix time; None when no refresh is scheduled), source, kind."""
         return {
             name: {
                 "loaded": st.loaded,
                 "kids": _kids(st.keyset) if st.keyset is not None else [],
+                "keys": _key_list(st.keyset) if st.keyset is not None else [],
                 "last_success": st.last_success,
                 "last_error": st.last_error,
+                "last_failure": (None if st.last_failure is None
+                                 else {"at": st.last_failure[0], "reason": st.last_failure[1]}),
+                "next_refresh": st.next_refresh if st.loop_task is not None else None,
                 "source": st.source,
                 "kind": st.kind,
             }
@@ -358,6 +375,7 @@ class KeyManager:
 
     async def _refresh_loop(self, st: _Issuer) -> None:
         while True:
+            st.next_refresh = self._wall_clock() + st.next_delay
             await self._sleep(st.next_delay)
             # shield: the fetch may be shared with unknown-kid waiters, so cancelling this loop
             # must not cancel it for them; close() cancels in-flight fetches itself.
@@ -565,6 +583,7 @@ class KeyManager:
 
     def _failed(self, st: _Issuer, reason: str) -> None:
         st.last_error = reason
+        st.last_failure = (self._wall_clock(), reason)
         st.failures += 1
         st.next_delay = self._backoff(st)
         if st.kind == "jwks_file":

@@ -29,11 +29,12 @@ import glob
 import os
 from bisect import bisect_left
 from collections import defaultdict
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import Metric
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -43,6 +44,7 @@ __all__ = [
     "enable_multiprocess",
     "mark_worker_dead",
     "render_metrics",
+    "counter_totals",
 ]
 
 #: Seconds. Fine-grained below 10 ms (a cached-token request is sub-millisecond), coarse up
@@ -91,6 +93,39 @@ def render_metrics() -> bytes:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
     return generate_latest(registry)
+
+
+def counter_totals(
+    counters: Mapping[str, tuple[str, tuple[str, ...]]],
+) -> dict[str, dict[tuple[str, ...], float]]:
+    """Current totals of some counters over every process, by label values.
+
+    ``counters`` maps a key of the result to ``(counter name without _total, label names)``,
+    e.g. ``{"requests": ("jwtproxy_requests", ("route", "status"))}``; each result maps the
+    tuple of label values (in that order) to the total. Reads what ``render_metrics()`` reads,
+    without rendering text; a counter nobody incremented yet is an empty mapping.
+    """
+    path = os.environ.get(_MULTIPROC_ENV)
+    families: Iterable[Metric]
+    if path:
+        collector = multiprocess.MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+        families = collector.collect()  # type: ignore[no-untyped-call]
+    else:
+        families = prometheus_client.REGISTRY.collect()
+    wanted = {name: (key, labelnames) for key, (name, labelnames) in counters.items()}
+    out: dict[str, dict[tuple[str, ...], float]] = {key: {} for key in counters}
+    for family in families:
+        found = wanted.get(family.name)
+        if found is None:
+            continue
+        key, labelnames = found
+        values = out[key]
+        for sample in family.samples:
+            if sample.name != family.name + "_total":
+                continue   # the _created samples of a single-process registry
+            labels = tuple(sample.labels.get(n, "") for n in labelnames)
+            values[labels] = values.get(labels, 0.0) + sample.value
+    return out
 
 
 class _PromWorker:

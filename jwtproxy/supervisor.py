@@ -65,12 +65,14 @@ from .dpopreplay import TABLE_CAPACITY
 from .metrics import (
     METRICS_CONTENT_TYPE,
     SupervisorMetrics,
+    counter_totals,
     enable_multiprocess,
     mark_worker_dead,
     render_metrics,
 )
 from .revocation import Log, RevocationStore, open_store, parse_revocation_request
 from .sharedtable import SharedTable
+from .statuspage import RateWindow, WorkerView, build_status
 from .workerlink import WorkerControl, WorkerInheritance
 
 __all__ = ["Supervisor", "WorkerTarget", "bind_listener"]
@@ -78,6 +80,11 @@ __all__ = ["Supervisor", "WorkerTarget", "bind_listener"]
 _QUEUED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _BLOCK_AROUND_FORK = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _MAX_MESSAGE = 1 << 20
+#: The counters behind the status page's per-minute figures.
+_TRAFFIC_COUNTERS = {
+    "requests": ("jwtproxy_requests", ("route", "status")),
+    "auth_failures": ("jwtproxy_auth_failures", ("reason",)),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +213,8 @@ class Supervisor:
         self._queue: asyncio.Queue[int] | None = None
         self._changed: asyncio.Future[None] | None = None
         self._stop_event: asyncio.Event | None = None
+        self._started_at = time.time()
+        self._traffic = RateWindow()
 
     # -- entry point --------------------------------------------------------------------------
 
@@ -547,6 +556,8 @@ class Supervisor:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             now = self._loop.time()
+            if self._traffic.due(now):
+                self._traffic.add(now, counter_totals(_TRAFFIC_COUNTERS))
             for w in self._current():
                 if w.ready and now - w.last_seen > self.hang_timeout:
                     log_event("worker_hung", level="error", worker=w.worker_id, pid=w.pid,
@@ -595,6 +606,32 @@ class Supervisor:
             expected_workers=config.server.workers,
             workers=[(w.worker_id, w.ready, w.report) for w in self._current()],
             issuers=[i.name for i in config.issuers],
+        )
+
+    def status_document(self) -> dict[str, Any]:
+        """The admin ``GET /status`` document (``statuspage.build_status``)."""
+        assert self._loop is not None
+        now = self._loop.time()
+        workers = [
+            WorkerView(
+                worker_id=w.worker_id, pid=w.pid, generation=w.generation,
+                state="draining" if w.stopping else "ready" if w.ready else "starting",
+                uptime=now - w.started, report=w.report,
+                report_age=now - w.last_seen if w.report is not None else None,
+            )
+            for w in self._workers.values()
+        ]
+        revocation: dict[str, Any] | None = None
+        if self._store is not None:
+            try:
+                revocation = self._store.status()
+            except Exception as exc:  # a status probe must never fail the page
+                revocation = {"up": False, "last_error": type(exc).__name__}
+        return build_status(
+            config=self.config, now=time.time(), started=self._started_at,
+            generation=self._generation, workers=workers, not_ready=self.readiness(),
+            revocation=revocation,
+            traffic=self._traffic.deltas(now, counter_totals(_TRAFFIC_COUNTERS)),
         )
 
     # -- reload -------------------------------------------------------------------------------
@@ -762,6 +799,7 @@ class Supervisor:
             store=lambda: self._store,
             parse_revocation=parse_revocation_request,
             token=lambda: self.config.admin.token,
+            status=self.status_document,
         )
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
