@@ -896,3 +896,30 @@ async def test_worker_started_during_outage_starts_from_peers_last_good_keys(
         assert third.status()["corp"]["loaded"] is False
     finally:
         await third.close()
+
+
+async def test_status_shows_key_algorithms_next_refresh_and_the_last_failure(idp: FakeIdP, make: Factory) -> None:
+    h = make(issuer(jwks_uri=idp.url("/jwks"), algorithms=("ES256", "RS256", "PS256")), policy=FAST)
+    before = time.time()
+    await h.km.start()
+    assert await h.sleeper.wait() == 300
+    st = h.km.status()["corp"]
+    # One entry per (kid, alg) the verifier accepts (these JWKs name their alg).
+    assert st["keys"] == [{"kid": "k1", "alg": "ES256"}, {"kid": "r1", "alg": "RS256"}]
+    assert before + 300 <= st["next_refresh"] <= time.time() + 300
+    assert st["last_failure"] is None
+    idp.serve("/jwks", b"oops", status=500)
+    h.sleeper.fire()
+    assert await h.sleeper.wait() == 1.0
+    st = h.km.status()["corp"]
+    assert st["last_failure"]["reason"] == st["last_error"] and "HTTP 500" in st["last_error"]
+    assert before <= st["last_failure"]["at"] <= time.time()
+    assert time.time() + 0.5 <= st["next_refresh"] <= time.time() + 1.0
+    # A success clears the current error but the page still shows why it failed before.
+    idp.serve("/jwks", json.dumps({"keys": [ec_jwk("k1"), rsa_jwk("r1")]}).encode())
+    h.sleeper.fire()
+    assert await h.sleeper.wait() == 300
+    st = h.km.status()["corp"]
+    assert st["last_error"] is None and "HTTP 500" in st["last_failure"]["reason"]
+    await h.km.close()
+    assert h.km.status()["corp"]["next_refresh"] is None   # nothing scheduled after close
