@@ -184,7 +184,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from jwtproxy.demo import run_demo
 
-    return run_demo(_config_path(args))
+    # Not ./jwtproxy.toml: the demo's own config ships in the package (any directory works).
+    return run_demo(args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(func=cmd_revoke)
     unit = with_config(sub.add_parser("systemd-unit", help="print a hardened systemd unit"))
     unit.set_defaults(func=cmd_systemd_unit)
-    demo = with_config(sub.add_parser("demo", help="gateway + demo issuer + echo backend, with a ready curl"))
+    demo = sub.add_parser("demo", help="gateway + demo issuer + echo backend, with a ready curl")
+    demo.add_argument("-c", "--config", help="config file (default: the demo config shipped in the package)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -164,6 +164,7 @@ class Supervisor:
         uvloop; default ``jwtproxy.worker.serve_worker``.
     open_store: builds the revocation store the admin API writes to and whose mirror every
         worker inherits; default ``jwtproxy.revocation.open_store``.
+    on_ready: called once, when every worker of the first generation is ready.
     """
 
     def __init__(
@@ -179,6 +180,7 @@ class Supervisor:
         max_backoff: float = 30.0,
         metrics_dir: str | None = None,
         open_store: Callable[[RevocationConfig, Log], RevocationStore] = open_store,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self._loader = config_loader
         self._target = worker_target
@@ -190,6 +192,7 @@ class Supervisor:
         self.max_backoff = max_backoff
         self._metrics_dir = metrics_dir
         self._open_store = open_store
+        self._on_ready = on_ready
 
         self._config: Config | None = None
         self._sockets: dict[ListenAddr, socket.socket] = {}
@@ -549,6 +552,8 @@ class Supervisor:
         systemd.ready()
         systemd.status(f"serving with {len(self._current())} workers")
         log_event("ready", workers=[w.pid for w in self._current()])
+        if self._on_ready is not None:
+            self._on_ready()
 
     async def _monitor(self) -> None:
         """Once per heartbeat interval: hung workers, gauges, backend health."""
