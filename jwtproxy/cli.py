@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 import urllib.error
@@ -52,9 +51,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_systemd_unit(args: argparse.Namespace) -> int:
-    from jwtproxy.systemd import unit_file
+    from jwtproxy.systemd import installed_command, unit_file
 
-    executable = shutil.which("jwtproxy") or os.path.join(os.path.dirname(sys.executable), "jwtproxy")
+    command = installed_command()
     config_path = os.path.abspath(args.config) if args.config else "/etc/jwtproxy/jwtproxy.toml"
     shutdown_timeout = 30.0
     if args.config:
@@ -62,7 +61,13 @@ def cmd_systemd_unit(args: argparse.Namespace) -> int:
         if config is None:
             return 1
         shutdown_timeout = config.server.shutdown_timeout
-    print(unit_file(executable, config_path, shutdown_timeout=shutdown_timeout), end="")
+    hidden = next((p for p in ("/home/", "/root/", "/run/user/") if command[0].startswith(p)), None)
+    if hidden is not None:
+        # ProtectHome=yes hides these from the service: it would fail with status=203/EXEC.
+        print(f"jwtproxy systemd-unit: warning: ExecStart {command[0]} is under {hidden}, which the "
+              "unit's ProtectHome=yes hides; install jwtproxy under /opt or /usr/local for the service",
+              file=sys.stderr)
+    print(unit_file(command, config_path, shutdown_timeout=shutdown_timeout), end="")
     return 0
 
 

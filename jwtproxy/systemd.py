@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
+import sysconfig
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 __all__ = [
     "notify",
@@ -33,6 +35,7 @@ __all__ = [
     "watchdog_loop",
     "unset_environment",
     "unit_file",
+    "installed_command",
 ]
 
 
@@ -128,19 +131,46 @@ def unset_environment() -> None:
 STOP_MARGIN = 5.0
 
 
+def installed_command() -> list[str]:
+    """How to start *this* installation's jwtproxy, for ``ExecStart``.
+
+    The console script pip installed beside this package: in the install scheme's scripts
+    directory or next to the running interpreter (a virtualenv's ``bin/``). Never a lookup on
+    ``PATH``, which may name another installation (a pyenv shim, an older system copy). Without
+    such a script (a source checkout) it is the running interpreter with ``-m jwtproxy``.
+    """
+    for directory in (os.path.dirname(sys.executable), sysconfig.get_path("scripts")):
+        script = os.path.join(directory, "jwtproxy")
+        if os.path.isfile(script) and os.access(script, os.X_OK):
+            return [os.path.abspath(script)]
+    return [os.path.abspath(sys.executable), "-m", "jwtproxy"]
+
+
+def _exec_word(word: str) -> str:
+    """One word of an ``ExecStart`` line, as systemd.service(5) reads it back: ``%`` starts a
+    specifier and ``$`` a variable (both doubled), whitespace splits (double-quoted)."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if word and not any(c.isspace() or c in "\"'\\" for c in word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def unit_file(
-    executable: str,
+    executable: str | Sequence[str],
     config_path: str = "/etc/jwtproxy/jwtproxy.toml",
     *,
     shutdown_timeout: float = 30.0,
 ) -> str:
     """A hardened ``Type=notify`` unit running ``<executable> serve -c <config_path>``.
 
-    ``executable`` is made absolute (systemd requires it). ``TimeoutStopSec`` covers the
-    drain (``shutdown_timeout``) plus the supervisor's SIGKILL margin plus slack, so systemd
-    never kills a process that is still draining on schedule.
+    ``executable`` is a path or a command (``installed_command()``); its first word is made
+    absolute (systemd requires it). ``TimeoutStopSec`` covers the drain (``shutdown_timeout``)
+    plus the supervisor's SIGKILL margin plus slack, so systemd never kills a process that is
+    still draining on schedule.
     """
-    exe = os.path.abspath(executable)
+    words = [executable] if isinstance(executable, str) else list(executable)
+    words[0] = os.path.abspath(words[0])
+    exe = " ".join(_exec_word(w) for w in words)
     stop = int(shutdown_timeout + STOP_MARGIN + 5 + 0.999)
     return f"""\
 # jwtproxy: JWT-validating API gateway.
@@ -155,7 +185,7 @@ After=network-online.target
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart={exe} serve -c {config_path}
+ExecStart={exe} serve -c {_exec_word(config_path)}
 ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=1

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import sysconfig
 import time
 from pathlib import Path
 from typing import Iterator
@@ -158,3 +162,94 @@ def test_unit_file_paths_and_timeout() -> None:
     s = unit_settings(systemd.unit_file("bin/jwtproxy", "/srv/gw.toml", shutdown_timeout=120.5))
     assert s["ExecStart"] == os.path.abspath("bin/jwtproxy") + " serve -c /srv/gw.toml"
     assert int(s["TimeoutStopSec"]) >= 126
+
+
+# ---------------------------------------------------------------------------------------------
+# `jwtproxy systemd-unit`: this installation's own executable, and a unit systemd accepts
+
+
+def cli_unit(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+    repo = str(Path(__file__).resolve().parent.parent)
+    full_env = dict(os.environ, PYTHONPATH=repo, **(env or {}))
+    result = subprocess.run([sys.executable, "-m", "jwtproxy", "systemd-unit", *args], env=full_env, cwd=cwd,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_exec_start_is_this_installation_not_the_first_on_path(tmp_path: Path) -> None:
+    impostor = tmp_path / "bin" / "jwtproxy"
+    impostor.parent.mkdir()
+    impostor.write_text("#!/bin/sh\necho impostor\n")
+    impostor.chmod(0o755)
+    unit = cli_unit(env={"PATH": f"{impostor.parent}:{os.environ['PATH']}"}, cwd=tmp_path)
+    exec_start = unit_settings(unit)["ExecStart"]
+    assert str(impostor) not in exec_start
+    expected = systemd.installed_command()
+    assert exec_start == " ".join(expected) + " serve -c /etc/jwtproxy/jwtproxy.toml"
+    # Either the console script beside this interpreter or this interpreter itself.
+    assert (expected[0].startswith(os.path.dirname(sys.executable)) or expected[0].startswith(
+        sysconfig.get_path("scripts"))) or expected == [os.path.abspath(sys.executable), "-m", "jwtproxy"]
+
+
+def test_installed_command_prefers_the_script_beside_the_interpreter(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    python = venv_bin / "python"
+    python.write_text("")
+    monkeypatch.setattr(sys, "executable", str(python))
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path / "nowhere"))
+    assert systemd.installed_command() == [str(python), "-m", "jwtproxy"]    # no script yet
+    script = venv_bin / "jwtproxy"
+    script.write_text("#!/bin/sh\n")
+    assert systemd.installed_command() == [str(python), "-m", "jwtproxy"]    # not executable
+    script.chmod(0o755)
+    assert systemd.installed_command() == [str(script)]
+
+
+def test_exec_start_words_are_quoted_for_systemd() -> None:
+    s = unit_settings(systemd.unit_file(["/usr/bin/python3", "-m", "jwtproxy"], "/etc/gw 1/100%$x.toml"))
+    assert s["ExecStart"] == '/usr/bin/python3 -m jwtproxy serve -c "/etc/gw 1/100%%$$x.toml"'
+
+
+def test_warns_when_exec_start_is_hidden_by_protect_home(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from jwtproxy import cli
+    monkeypatch.setattr(systemd, "installed_command", lambda: ["/home/ann/venv/bin/jwtproxy"])
+    assert cli.main(["systemd-unit"]) == 0
+    out, err = capsys.readouterr()
+    assert "ExecStart=/home/ann/venv/bin/jwtproxy serve" in out
+    assert "ProtectHome=yes hides" in err and "/opt" in err
+    monkeypatch.setattr(systemd, "installed_command", lambda: ["/opt/jwtproxy/bin/jwtproxy"])
+    assert cli.main(["systemd-unit"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (apt-get install systemd)")
+def test_generated_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    unit = tmp_path / "jwtproxy.service"
+    unit.write_text(cli_unit(cwd=tmp_path))
+    result = subprocess.run([str(SYSTEMD_ANALYZE), "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (apt-get install systemd)")
+def test_verify_reads_a_quoted_exec_start_back(tmp_path: Path) -> None:
+    # An executable under a directory with a space and a '%': verify fails ("not executable")
+    # unless systemd splits and unescapes the ExecStart line back into this exact path.
+    odd = tmp_path / "a dir 100%" / "jwtproxy"
+    odd.parent.mkdir()
+    odd.write_text("#!/bin/sh\n")
+    odd.chmod(0o755)
+    unit = tmp_path / "jwtproxy.service"
+    unit.write_text(systemd.unit_file([str(odd)], "/etc/jwtproxy/jwtproxy.toml"))
+    result = subprocess.run([str(SYSTEMD_ANALYZE), "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    missing = tmp_path / "jwtproxy-missing.service"
+    missing.write_text(systemd.unit_file([str(tmp_path / "nope" / "jwtproxy")]))
+    result = subprocess.run([str(SYSTEMD_ANALYZE), "verify", str(missing)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "jwtproxy" in result.stdout + result.stderr   # the check can fail
