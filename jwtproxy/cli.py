@@ -61,12 +61,16 @@ def cmd_systemd_unit(args: argparse.Namespace) -> int:
         if config is None:
             return 1
         shutdown_timeout = config.server.shutdown_timeout
-    hidden = next((p for p in ("/home/", "/root/", "/run/user/") if command[0].startswith(p)), None)
-    if hidden is not None:
-        # ProtectHome=yes hides these from the service: it would fail with status=203/EXEC.
-        print(f"jwtproxy systemd-unit: warning: ExecStart {command[0]} is under {hidden}, which the "
-              "unit's ProtectHome=yes hides; install jwtproxy under /opt or /usr/local for the service",
-              file=sys.stderr)
+    # ProtectHome=yes hides these from the service: it would fail with status=203/EXEC. The
+    # interpreter counts too: a virtualenv's python is a symlink to a base interpreter that may
+    # live under /root (pyenv) even when the virtualenv is under /opt.
+    for what, path in (("ExecStart", command[0]), ("its Python", os.path.realpath(sys.executable))):
+        hidden = next((p for p in ("/home/", "/root/", "/run/user/") if path.startswith(p)), None)
+        if hidden is not None:
+            print(f"jwtproxy systemd-unit: warning: {what} {path} is under {hidden}, which the unit's "
+                  "ProtectHome=yes hides (status=203/EXEC); install jwtproxy with a Python outside "
+                  "home directories, e.g. python3 -m venv /opt/jwtproxy", file=sys.stderr)
+            break
     print(unit_file(command, config_path, shutdown_timeout=shutdown_timeout), end="")
     return 0
 

@@ -216,14 +216,19 @@ def test_exec_start_words_are_quoted_for_systemd() -> None:
 def test_warns_when_exec_start_is_hidden_by_protect_home(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from jwtproxy import cli
+    monkeypatch.setattr(os.path, "realpath", lambda p: "/usr/bin/python3.11")
     monkeypatch.setattr(systemd, "installed_command", lambda: ["/home/ann/venv/bin/jwtproxy"])
     assert cli.main(["systemd-unit"]) == 0
     out, err = capsys.readouterr()
     assert "ExecStart=/home/ann/venv/bin/jwtproxy serve" in out
-    assert "ProtectHome=yes hides" in err and "/opt" in err
+    assert "ExecStart /home/ann/venv/bin/jwtproxy is under /home/" in err and "ProtectHome=yes hides" in err
     monkeypatch.setattr(systemd, "installed_command", lambda: ["/opt/jwtproxy/bin/jwtproxy"])
     assert cli.main(["systemd-unit"]) == 0
     assert capsys.readouterr().err == ""
+    # A virtualenv under /opt whose python is a symlink to an interpreter under /root (pyenv).
+    monkeypatch.setattr(os.path, "realpath", lambda p: "/root/.pyenv/versions/3.11.7/bin/python3.11")
+    assert cli.main(["systemd-unit"]) == 0
+    assert "its Python /root/.pyenv/versions/3.11.7/bin/python3.11 is under /root/" in capsys.readouterr().err
 
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
