@@ -242,11 +242,13 @@ class Supervisor:
         # Private (0700) directory where workers leave each issuer's last good JWKS, so a worker
         # started while an IdP is down (reload, restart) begins with the keys its peers had.
         self._keys_dir = tempfile.mkdtemp(prefix="jwtproxy-keys-")
+        addr = None
         try:
             for addr in config.server.listen:
                 self._sockets[addr] = bind_listener(addr)
         except OSError as exc:
-            log_event("bind_failed", level="error", error=str(exc))
+            # The address, not only errno's text: "Address already in use" alone names no port.
+            log_event("bind_failed", level="error", address=str(addr), error=str(exc))
             self._close_sockets(self._sockets.values())
             return 1
         for sig in _QUEUED_SIGNALS:
@@ -790,7 +792,7 @@ class Supervisor:
         try:
             self._admin_sock = bind_listener(addr, backlog=128)
         except OSError as exc:
-            log_event("admin_bind_failed", level="error", error=str(exc))
+            log_event("admin_bind_failed", level="error", address=str(addr), error=str(exc))
             return False
         return True
 

@@ -22,7 +22,8 @@ from typing import Iterator
 
 import pytest
 
-from daemon_helpers import free_port, http, subprocess_env, wait_status
+from daemon_harness import http, subprocess_env, wait_status
+from helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +85,9 @@ def dirs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
 
 def demo_config(tmp: Path, parser: str = "httptools") -> tuple[Path, dict[int, int]]:
     """The shipped demo config on free ports (written outside the demo's working directory)."""
-    ports = {old: free_port() for old in DEFAULT_PORTS}
+    ports: dict[int, int] = {}
+    while len(set(ports.values())) < len(DEFAULT_PORTS):
+        ports = {old: free_port() for old in DEFAULT_PORTS}
     text = SHIPPED.read_text()
     for old, new in ports.items():
         text = text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")

@@ -26,8 +26,8 @@ import pytest
 from aiohttp import web
 
 from conftest import CODECS
-from daemon_helpers import Daemon, free_port, http
-from helpers import AUDIENCE, ISSUER, Backend, SigningKey
+from daemon_harness import Daemon, http
+from helpers import AUDIENCE, ISSUER, AppServer, Backend, SigningKey, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -76,27 +76,16 @@ class Issuer:
 
     def __init__(self, *keys: SigningKey) -> None:
         self.keys = list(keys)
-        self.hits = 0
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> Issuer:
-        async def jwks(request: web.Request) -> web.Response:
-            self.hits += 1
-            return web.json_response({"keys": [k.jwk() for k in self.keys]})
-
         app = web.Application()
-        app.router.add_get("/jwks.json", jwks)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
+        app.router.add_get("/jwks.json", self._jwks)
+        self.server = AppServer(app)
 
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    async def _jwks(self, request: web.Request) -> web.Response:
+        return web.json_response({"keys": [k.jwk() for k in self.keys]})
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
 
 def config_text(*, port: int, admin_port: int, backend_port: int, jwks_port: int, parser: str, tmp: Path) -> str:
@@ -148,16 +137,19 @@ async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
     # The gateway's codec matters only where traffic goes through it (parametrised there).
     parser = getattr(request, "param", "httptools")
     backend = await Backend().start()
-    issuer = await Issuer(SigningKey.rsa("kid-before-rotation")).start()
+    issuer = Issuer(SigningKey.rsa("kid-before-rotation"))
+    await issuer.server.start()
     port, admin_port = free_port(), free_port()
-    daemon = Daemon(tmp_path, config_text(port=port, admin_port=admin_port, backend_port=backend.port,
-                                          jwks_port=issuer.port, parser=parser, tmp=tmp_path))
+    config = tmp_path / "status-page.toml"
+    config.write_text(config_text(port=port, admin_port=admin_port, backend_port=backend.port,
+                                  jwks_port=issuer.port, parser=parser, tmp=tmp_path))
+    daemon = Daemon(tmp_path, config_path=config)
     try:
         await daemon.wait_ready()
         yield Stack(daemon, port, admin_port, issuer)
     finally:
         daemon.kill()
-        await issuer.stop()
+        await issuer.server.stop()
         await backend.stop()
 
 

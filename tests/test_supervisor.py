@@ -331,7 +331,9 @@ def test_startup_bind_failure_exits_1(tmp_path: Path) -> None:
             assert d.proc.wait(timeout=15) == 1
         finally:
             d.close()
-    assert d.events("bind_failed")
+        port = taken.getsockname()[1]
+    (failed,) = d.events("bind_failed")
+    assert failed["address"] == f"127.0.0.1:{port}"      # the log line names the port
     assert "READY=1" not in d.messages
 
 
