@@ -17,7 +17,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Scenario:
-    """One load shape. `tokens`: "none", "one-rs256", "rs256", "es256" or "bad-rs256"."""
+    """One load shape. `tokens`: "none", "one-rs256", "rs256", "es256", "bad-rs256", or
+    "dpop-es256" / "dpop-eddsa" (one DPoP-bound token, a fresh single-use proof per request)."""
 
     key: str
     title: str
@@ -28,7 +29,11 @@ class Scenario:
 
     @property
     def rotating(self) -> bool:
-        return self.tokens in ("rs256", "es256", "bad-rs256")
+        return self.tokens in ("rs256", "es256", "bad-rs256") or self.dpop
+
+    @property
+    def dpop(self) -> bool:
+        return self.tokens.startswith("dpop-")
 
 
 _AUTH_PEERS = ("nginx", "envoy", "node", "jwtproxy-httptools", "jwtproxy-h11")
@@ -43,6 +48,12 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
     Scenario("e", 'auth = "off" route, no token (pure proxy cost)', "/open", "none", 200,
              ("nginx", "envoy-nojwt", "envoy", "node", "jwtproxy-httptools", "jwtproxy-h11")),
     Scenario("f", "64 KiB responses, one valid RS256 token", "/big", "one-rs256", 200, _AUTH_PEERS),
+    # DPoP (RFC 9449): the token's verdict is cached, the proof is single-use and checked every time.
+    # Only jwtproxy checks DPoP proofs; compare with (a), the same token path without a proof.
+    Scenario("g", "DPoP-bound token (cached), a fresh ES256 proof per request", "/", "dpop-es256", 200,
+             ("jwtproxy-httptools", "jwtproxy-h11")),
+    Scenario("h", "DPoP-bound token (cached), a fresh EdDSA proof per request", "/", "dpop-eddsa", 200,
+             ("jwtproxy-httptools", "jwtproxy-h11")),
 )}
 
 

@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, help="repetitions (medians reported); default 3, quick 1")
     ap.add_argument("--duration", type=int, help="seconds per measured run; default 8, quick 1")
     ap.add_argument("--warmup", type=int, help="seconds of unmeasured load first; default 1, quick 0")
-    ap.add_argument("--only", help="comma-separated scenario keys (a-f); default all")
+    ap.add_argument("--only", help="comma-separated scenario keys (a-h); default all")
     ap.add_argument("--peers", help=f"comma-separated peers; default all: {','.join(ALL_PEERS)}")
     ap.add_argument("--tokens", type=int, help="distinct tokens in rotation; default 100000, quick 1000")
     ap.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
@@ -153,11 +153,19 @@ def start_upstream(env: BenchEnv, kind: str) -> Proc:
 
 # --- measuring ---------------------------------------------------------------------------------
 
+def dpop_proofs(args: argparse.Namespace) -> int:
+    """Proofs per DPoP file: each is sent once, half for the warm-up and half for the measured
+    run, which must not outrun its half (100,000 proofs cover 8 s at 12,500 req/s)."""
+    return 30_000 if args.quick else max(2 * args.tokens, 200_000)
+
+
 def token_arg(scen_tokens: str, files: dict[str, Path], env: BenchEnv) -> str:
     if scen_tokens == "none":
         return "-"
     if scen_tokens == "one-rs256":
         return env.rs_token
+    if scen_tokens.startswith("dpop-"):
+        return "dpop@" + str(files[scen_tokens].resolve())
     return "@" + str(files[scen_tokens].resolve())
 
 
@@ -179,6 +187,8 @@ def measure_one(peer: Peer, scen_key: str, env: BenchEnv, args: argparse.Namespa
         tok = token_arg(scen.tokens, files, env)
         count = scen.expect != 200
         half = args.tokens // 2 if scen.rotating else 0
+        if scen.dpop:  # the warm-up spends the second half of the proofs, the measured run the first
+            half = dpop_proofs(args) // 2
 
         def wrk(duration: int, offset: int) -> list[str]:
             cmd = wrk_command(script, peer.port(env), scen, tok, duration, args.threads, args.connections,
@@ -410,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
             "es256": tokens.token_file(WORK, keys, "ES256", args.tokens, log),
             "bad-rs256": tokens.bad_token_file(WORK, keys, args.tokens, log),
         }
+        for kind, alg in (("dpop-es256", "ES256"), ("dpop-eddsa", "EdDSA")):
+            if any(SCENARIOS[k].tokens == kind for k in args.scenarios):
+                files[kind] = tokens.dpop_file(WORK, keys, alg, dpop_proofs(args), log)
         www = WORK / "www"
         www.mkdir(parents=True, exist_ok=True)
         big = www / "big.bin"

@@ -207,3 +207,73 @@ def first_token(path: Path) -> str:
     """The first token of a token file."""
     with path.open() as fh:
         return fh.readline().strip()
+
+
+# --- DPoP (contract §5.2): a bound token and single-use proofs -------------------------------------
+
+DPOP_HOST = "bench.test"  # the Host the DPoP scenarios send, so one proof file fits every port
+DPOP_URL = f"http://{DPOP_HOST}/"
+
+
+def _dpop_sign_range(args: tuple[str, str, str, str, int, int]) -> list[str]:
+    """Worker: proofs [start, stop) for GET DPOP_URL, signed with the client key at pem_path."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pem_path, alg, header, ath, start, stop = args
+    key = _load_private(Path(pem_path))
+    iat = int(__import__("time").time())
+    out: list[str] = []
+    ecdsa = ec.ECDSA(hashes.SHA256())
+    for i in range(start, stop):
+        claims = {"jti": f"bench-proof-{i:08d}-{os.getpid()}", "htm": "GET", "htu": DPOP_URL, "iat": iat, "ath": ath}
+        signing_input = f"{header}.{b64url(json.dumps(claims, separators=(',', ':')).encode())}"
+        if isinstance(key, Ed25519PrivateKey):
+            sig = key.sign(signing_input.encode())
+        else:
+            r, s = decode_dss_signature(key.sign(signing_input.encode(), ecdsa))
+            sig = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        out.append(f"{signing_input}.{b64url(sig)}")
+    return out
+
+
+def dpop_file(work: Path, keys: KeyMaterial, alg: str, count: int, log: Callable[[str], None] = print) -> Path:
+    """A file for the DPoP scenarios: line 1 a DPoP-bound RS256 access token (``cnf.jkt`` = the
+    RFC 7638 thumbprint of a client key made here), then ``count`` proofs for ``GET /`` on
+    :data:`DPOP_HOST`, each with its own ``jti``, signed with that key (``ES256`` or ``EdDSA``).
+
+    Made fresh for every run (a proof is valid for a limited time and once: the bench config sets
+    ``dpop_max_age`` to a day, so a run of any length stays inside the window)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from joserfc.jwk import ECKey, OKPKey
+
+    path = work / "tokens" / f"dpop-{alg.lower()}-{count}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"signing {count} {alg} DPoP proofs into {path.relative_to(work.parent)}")
+    client: ec.EllipticCurvePrivateKey | Ed25519PrivateKey = (
+        ec.generate_private_key(ec.SECP256R1()) if alg == "ES256" else Ed25519PrivateKey.generate()
+    )
+    pem = work / "keys" / f"dpop-client-{alg.lower()}.pem"
+    _write_private(pem, client)
+    jwk = (ECKey if alg == "ES256" else OKPKey).import_key(pem.read_bytes())  # type: ignore[attr-defined]
+    public = jwk.as_dict(private=False)
+    public.pop("kid", None)
+    thumbprint = jwk.thumbprint()
+    claims = dict(_claims(0), sub="dpop-client", jti="bench-dpop-token", cnf={"jkt": thumbprint})
+    rs_key = _load_private(keys.rs_pem)
+    head = b64url(json.dumps({"alg": "RS256", "typ": "JWT", "kid": RS_KID}, separators=(",", ":")).encode())
+    signing_input = f"{head}.{b64url(json.dumps(claims, separators=(',', ':')).encode())}"
+    token = f"{signing_input}.{b64url(rs_key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256()))}"
+    ath = b64url(hashlib.sha256(token.encode()).digest())
+    header = b64url(json.dumps({"typ": "dpop+jwt", "alg": alg, "jwk": public}, separators=(",", ":")).encode())
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    step = max(1, (count + workers * 4 - 1) // (workers * 4))
+    chunks = [(str(pem), alg, header, ath, lo, min(lo + step, count)) for lo in range(0, count, step)]
+    if workers == 1 or count < 2000:
+        proofs = [p for chunk in chunks for p in _dpop_sign_range(chunk)]
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            proofs = [p for part in pool.map(_dpop_sign_range, chunks) for p in part]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(token + "\n" + "\n".join(proofs) + "\n")
+    tmp.replace(path)
+    return path

@@ -2,8 +2,12 @@
 --
 -- Arguments (after `--`):  TOKENS PATH COUNT_STATUSES [OFFSET]
 --   TOKENS          "-" for no Authorization header, "@FILE" for a token list (one per line,
---                   rotated per request: every request carries the next token), or a literal
---                   token (sent on every request, as a static request: wrk's fast path).
+--                   rotated per request: every request carries the next token), "dpop@FILE" for
+--                   a DPoP file (line 1 the bound access token, then one single-use proof per
+--                   line: every request sends "Authorization: DPoP <token>", the next proof and
+--                   Host bench.test; threads take disjoint proofs, none is sent twice unless the
+--                   run outlasts the list), or a literal token (sent on every request, as a
+--                   static request: wrk's fast path).
 --   PATH            request path, e.g. "/", "/open", "/big".
 --   COUNT_STATUSES  "1" to count responses per status code (costs wrk CPU: used for the reject
 --                   scenario, where "non-2xx" alone cannot tell a 401 from a 502), else "0".
@@ -19,6 +23,10 @@ local threads = {}
 function setup(thread)
   table.insert(threads, thread)
   thread:set("id", #threads - 1)
+  -- Every setup() runs before any init(): each thread ends up knowing the final count.
+  for _, t in ipairs(threads) do
+    t:set("nthreads", #threads)
+  end
 end
 
 function init(args)
@@ -29,6 +37,26 @@ function init(args)
   wrk.path = path
   if tokens == "-" then
     -- static request without a token
+  elseif string.sub(tokens, 1, 5) == "dpop@" then
+    local file = assert(io.open(string.sub(tokens, 6), "r"))
+    local token = file:read("*l")
+    reqs = {}
+    for line in file:lines() do
+      if #line > 0 then
+        reqs[#reqs + 1] = wrk.format(nil, path, {
+          ["Host"] = "bench.test", ["Authorization"] = "DPoP " .. token, ["DPoP"] = line,
+        })
+      end
+    end
+    file:close()
+    -- Thread k of n sends proofs offset+k, offset+k+n, ...: no two threads share a proof.
+    local offset = tonumber(args[4] or "0") or 0
+    local stride = nthreads or 1
+    idx = offset + (id or 0)
+    request = function()
+      idx = idx + stride
+      return reqs[(idx % #reqs) + 1]
+    end
   elseif string.sub(tokens, 1, 1) == "@" then
     -- Pre-format every request once: request() then only returns a prepared string.
     local file = assert(io.open(string.sub(tokens, 2), "r"))
