@@ -168,9 +168,6 @@ class AcceptedProof:
     jkt: str
     replay_key: bytes
     replay_until: float
-    #: True when a nonce was checked and it came from the previous slot: the shell may hand the
-    #: client a fresh one (``DPoP-Nonce`` on the response, RFC 9449 §8.2) before it goes stale.
-    nonce_aging: bool = False
 
 
 def _b64(data: bytes) -> str:
@@ -457,16 +454,13 @@ class ProofChecker:
         if not hmac.compare_digest(ath.encode("ascii", "replace"), access_token_hash(token).encode("ascii")):
             raise _reject("dpop_ath", "DPoP proof ath does not match the access token")
 
-        aging = False
         if policy.nonce_required:
             nonce = claims.get("nonce")
             if not isinstance(nonce, str) or not nonce:
                 raise ProofRejected("dpop_nonce", "DPoP proof nonce required", USE_DPOP_NONCE)
-            age = self.nonces.age(nonce, now)
-            if age is None:
+            if self.nonces.age(nonce, now) is None:
                 raise ProofRejected("dpop_nonce", "DPoP proof nonce is stale or unknown", USE_DPOP_NONCE)
-            aging = age > 0
-        return AcceptedProof(key.jkt, replay_key(jti), iat + window, aging)
+        return AcceptedProof(key.jkt, replay_key(jti), iat + window)
 
     def _key(self, segment: str, header: dict[str, Any], alg: str) -> _ProofKey:
         """The imported key of this header segment (cached), or :class:`ProofRejected`."""
