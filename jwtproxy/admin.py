@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Literal, Sequence
 
 from aiohttp import web
 
@@ -198,31 +198,24 @@ def make_admin_app(
             return s
         return web.json_response(s.list())
 
-    async def delete_jti(request: web.Request) -> web.Response:
-        s = current_store()
-        if isinstance(s, web.Response):
-            return s
-        jti = request.match_info["jti"]
-        result = await store_call("unrevoke_jti", lambda: s.unrevoke_jti(jti))
-        if isinstance(result, web.Response):
-            return result
-        if not result:
-            return _error(404, "not_found", "no revocation for this jti")
-        log("revocation_removed", kind="jti", jti=jti)
-        return web.json_response({"deleted": {"jti": jti}})
+    def unrevoker(kind: Literal["jti", "sub"]) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """The DELETE handler for one kind of revocation."""
 
-    async def delete_sub(request: web.Request) -> web.Response:
-        s = current_store()
-        if isinstance(s, web.Response):
-            return s
-        sub = request.match_info["sub"]
-        result = await store_call("unrevoke_sub", lambda: s.unrevoke_sub(sub))
-        if isinstance(result, web.Response):
-            return result
-        if not result:
-            return _error(404, "not_found", "no revocation for this sub")
-        log("revocation_removed", kind="sub", sub=sub)
-        return web.json_response({"deleted": {"sub": sub}})
+        async def delete(request: web.Request) -> web.Response:
+            s = current_store()
+            if isinstance(s, web.Response):
+                return s
+            ident = request.match_info[kind]
+            unrevoke = s.unrevoke_jti if kind == "jti" else s.unrevoke_sub
+            result = await store_call(f"unrevoke_{kind}", lambda: unrevoke(ident))
+            if isinstance(result, web.Response):
+                return result
+            if not result:
+                return _error(404, "not_found", f"no revocation for this {kind}")
+            log("revocation_removed", kind=kind, **{kind: ident})
+            return web.json_response({"deleted": {kind: ident}})
+
+        return delete
 
     app = web.Application(middlewares=[no_keepalive, guard], client_max_size=max_body)
     app.router.add_get("/healthz", healthz)
@@ -231,8 +224,8 @@ def make_admin_app(
     app.router.add_post("/revocations", create)
     app.router.add_get("/revocations", listing)
     # Registered before /revocations/{jti} so that "sub/<sub>" never reads as a jti.
-    app.router.add_delete("/revocations/sub/{sub}", delete_sub)
-    app.router.add_delete("/revocations/{jti}", delete_jti)
+    app.router.add_delete("/revocations/sub/{sub}", unrevoker("sub"))
+    app.router.add_delete("/revocations/{jti}", unrevoker("jti"))
     if status is not None:
         add_status_routes(app, status)
     return app

@@ -33,7 +33,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from helpers import Backend, header_values  # tests/ is on sys.path (tests/conftest.py)
-from jwtproxy.config import parse_config
-from jwtproxy.revocation.memory import MemoryRevocationStore
-from jwtproxy.worker import build_worker
+from helpers import Backend, RunningGateway, header_values  # tests/ is on sys.path (tests/conftest.py)
 
 INTEROP_DIR = Path(__file__).resolve().parent
 REPO_ROOT = INTEROP_DIR.parent.parent
@@ -298,33 +295,13 @@ def gateway_config(backend_port: int, issuer: str, *, typ: tuple[str, ...] = (),
     }
 
 
-@dataclass
-class LiveGateway:
-    """A worker from ``build_worker`` (as the daemon builds it) on a loopback port; its key
-    manager's log lines are collected, revocations live in memory."""
+class LiveGateway(RunningGateway):
+    """A worker from ``build_worker`` (as the daemon builds it) on a loopback port, with its key
+    manager's log lines collected in ``log_lines``; revocations live in memory."""
 
-    data: dict[str, Any]
-    port: int = 0
-    log_lines: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.config = parse_config(self.data, "interop.toml")
-        self.worker = build_worker(self.config, store=MemoryRevocationStore(), key_log=self.log_lines.append)
-        self.gateway = self.worker.gateway
-        self.keys = self.worker.keys
-
-    async def start(self) -> LiveGateway:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1024)
-        sock.setblocking(False)
-        self.port = sock.getsockname()[1]
-        await self.worker.start([sock])
-        return self
-
-    async def stop(self) -> None:
-        await self.worker.stop(1.0)
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.log_lines: list[str] = []
+        super().__init__(data, key_log=self.log_lines.append)
 
     def status(self) -> dict[str, Any]:
         return dict(self.keys.status()["oidc"])
