@@ -36,7 +36,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 F = "t.toml"
 SECRET = "s" * 32
 ALL_ALGS = "RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 ES512 EdDSA Ed25519 HS256 HS384 HS512"
-ROOT_KEYS = "server, admin, token, issuer, route, upstream, claims_to_headers, revocation"
+ROOT_KEYS = "server, admin, token, issuer, route, upstream, claims_to_headers, revocation, assertion"
 
 
 def base() -> dict[str, Any]:
@@ -114,6 +114,7 @@ def test_shipped_sample_sets_every_documented_key() -> None:
     assert set(data["route"][0]) == set(mod._ROUTE_KEYS)
     assert set(data["upstream"]["demo"]) == set(mod._UPSTREAM_KEYS)
     assert set(data["revocation"]) == set(mod._REVOCATION_KEYS)
+    assert set(data["assertion"]) == set(mod._ASSERTION_KEYS)
 
 
 FULL = """
