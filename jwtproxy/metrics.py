@@ -196,7 +196,7 @@ class WorkerMetrics:
         self._jwks_refresh[issuer, result] += 1
 
     def upstream_error(self, upstream: str, kind: str) -> None:
-        """Count one upstream failure: ``"connect"``, ``"reset"`` or ``"timeout"``."""
+        """Count one upstream failure by kind: ``"connect"``, ``"tls"``, ``"reset"``, ``"timeout"``, ``"protocol"``..."""
         self._upstream_errors[upstream, kind] += 1
 
     # -- publishing -------------------------------------------------------------------------

@@ -24,6 +24,16 @@ off after the head (a ``_HeadDone`` raised from the callback) and a fresh parser
 next response. Interim ``1xx`` responses other than ``101`` are dropped: the gateway answers
 ``Expect: 100-continue`` itself.
 
+TLS towards ``https://`` targets uses the pool's context from :mod:`jwtproxy.upstream_tls`
+(``ca_file``, ``client_cert``/``client_key``, hostnames verified). A TLS failure is ``kind =
+"tls"``, answered 502 without detail, and its reason goes to one ``upstream_tls_error`` log line
+per target and reason every :data:`TLS_LOG_INTERVAL` seconds (a misconfigured backend fails every
+request; the journal gets the reason, not a flood). It is recognised during the handshake (the
+connect raises ``ssl.SSLError``) and after it: with TLS 1.3 a server checks the client certificate
+after the client has finished, and its alert ends the first exchange as an ``ssl.SSLError`` -- or,
+when the request was already being written, as a reset; a fresh TLS connection reset before the
+first response byte therefore counts as ``tls`` too.
+
 Every way an exchange can go wrong here reaches the sink as one :meth:`ResponseSink.on_upstream_failed`:
 a reset, a timeout, an invalid response, a connection that closed between connecting and
 :meth:`UpstreamConnection.start` (start raises :class:`UpstreamError`), and an unexpected exception
@@ -42,12 +52,17 @@ from typing import Protocol, cast
 
 import httptools
 
+from jwtproxy.accesslog import log_event
 from jwtproxy.codec import unwrap_callback_error
 from jwtproxy.config import Target, UpstreamConfig
+from jwtproxy.upstream_tls import client_context, failure_reason
 
 __all__ = ["ResponseSink", "UpstreamConnection", "UpstreamError", "UpstreamPool"]
 
 log = logging.getLogger("jwtproxy")
+
+#: Seconds between two log lines for the same TLS failure reason of one target.
+TLS_LOG_INTERVAL = 10.0
 
 
 class UpstreamError(Exception):
@@ -110,12 +125,16 @@ class UpstreamConnection(asyncio.Protocol):
         "_timer",
         "_tunnel",
         "_paused_reading",
+        "_tls",
+        "_lost",
     )
 
     def __init__(self, pool: UpstreamPool, target_index: int) -> None:
         self._loop = asyncio.get_running_loop()
         self.pool = pool
         self.target_index = target_index
+        self._tls = pool.targets[target_index].scheme == "https"
+        self._lost: Exception | None = None  # what closed the connection, if it was an error
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -145,17 +164,18 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._lost = exc
         self._cancel_timer()
         sink = self.sink
         if sink is None:
             return
         self.sink = None
         try:
-            self._report_lost(sink)
+            self._report_lost(sink, exc)
         except Exception:
             self._internal_error(sink)
 
-    def _report_lost(self, sink: ResponseSink) -> None:
+    def _report_lost(self, sink: ResponseSink, exc: Exception | None) -> None:
         if self._tunnel:
             sink.on_response_end()
             return
@@ -166,6 +186,10 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_response_flushed()
             return
         if not self._response_done:
+            if self._tls_rejected(exc):
+                assert exc is not None
+                sink.on_upstream_failed(self.pool.tls_failure(self.target_index, exc), False)
+                return
             retryable = self.reused and not self._got_bytes
             sink.on_upstream_failed(
                 UpstreamError("reset", 502, "upstream closed the connection"), retryable
@@ -277,11 +301,17 @@ class UpstreamConnection(asyncio.Protocol):
         """Begin an exchange: write ``head`` (and whatever body bytes the caller sends next).
 
         Raises :class:`UpstreamError` when the connection closed after it was handed out (the
-        upstream reset it between connect and now); ``sink`` is then not taken on.
+        upstream reset it between connect and now); ``sink`` is then not taken on. A transport
+        still closing on its own (its ``connection_lost`` is on the way) takes the sink without
+        writing: ``connection_lost`` then reports why it closed (a TLS 1.3 server's alert for a
+        refused client certificate arrives that way, between connect and the first request).
         """
         transport = self.transport
-        if self.closed or transport is None or transport.is_closing():
+        if self.closed or transport is None:
             self.close()
+            lost = self._lost
+            if lost is not None and self._tls_rejected(lost):
+                raise self.pool.tls_failure(self.target_index, lost)
             raise UpstreamError("reset", 502, "upstream closed the connection")
         self.sink = sink
         self._is_head = is_head
@@ -292,7 +322,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._close_delimited = False
         self._interim = False
-        transport.write(head)
+        if not transport.is_closing():
+            transport.write(head)
         # The loop is looked up once per connection: asyncio.get_running_loop() costs a getpid()
         # system call on Python 3.11.
         self._timer = self._loop.call_later(response_timeout, self._on_timeout)
@@ -368,6 +399,15 @@ class UpstreamConnection(asyncio.Protocol):
         log.exception("internal error while handling an upstream response")
         self._fail(UpstreamError("internal", 500, "internal error"), sink)
 
+    def _tls_rejected(self, exc: Exception | None) -> bool:
+        """Whether ``exc`` ending this connection is a TLS failure (module docstring): an
+        ``ssl.SSLError``, or a reset of a fresh TLS connection before its first response byte."""
+        if not self._tls or exc is None:
+            return False
+        if isinstance(exc, ssl.SSLError):
+            return True
+        return not self.reused and not self._got_bytes and isinstance(exc, (ConnectionResetError, BrokenPipeError))
+
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -387,10 +427,12 @@ class UpstreamPool:
         self.targets: tuple[Target, ...] = config.targets
         self._idle: list[deque[UpstreamConnection]] = [deque() for _ in self.targets]
         self._next = 0
-        # One context per pool: building one loads the system CA store (milliseconds).
+        # One context per pool: building one loads the CA store (milliseconds). A new worker
+        # generation (SIGHUP) builds new pools, so renewed certificate files are read again.
         if ssl_context is None and any(t.scheme == "https" for t in config.targets):
-            ssl_context = ssl.create_default_context()
+            ssl_context = client_context(config.ca_file, config.client_cert, config.client_key)
         self._ssl_context = ssl_context
+        self._tls_logged: dict[tuple[int, str], tuple[float, int]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -435,13 +477,31 @@ class UpstreamPool:
                 )
             except asyncio.TimeoutError:
                 last_error = UpstreamError("timeout", 504, "upstream connect timed out")
-            except (OSError, ssl.SSLError) as exc:
-                kind = "tls" if isinstance(exc, ssl.SSLError) else "connect"
-                last_error = UpstreamError(kind, 502, "upstream connection refused")
+            except ssl.SSLError as exc:
+                last_error = self.tls_failure(index, exc)
+            except OSError:
+                last_error = UpstreamError("connect", 502, "upstream connection refused")
             else:
                 conn.reused = False
                 return conn
         raise last_error
+
+    def tls_failure(self, index: int, exc: BaseException) -> UpstreamError:
+        """The error for a TLS failure with target ``index``; logs its reason (throttled)."""
+        reason = failure_reason(exc)
+        now = time.monotonic()
+        key = (index, reason)
+        last, suppressed = self._tls_logged.get(key, (-TLS_LOG_INTERVAL, 0))
+        if now - last >= TLS_LOG_INTERVAL:
+            target = self.targets[index]
+            log_event("upstream_tls_error", level="error", upstream=self.name,
+                      target=f"{target.host}:{target.port}", reason=reason, repeated=suppressed)
+            if len(self._tls_logged) >= 64:  # bounded: reasons come from a short OpenSSL list
+                self._tls_logged.clear()
+            self._tls_logged[key] = (now, 0)
+        else:
+            self._tls_logged[key] = (last, suppressed + 1)
+        return UpstreamError("tls", 502, "upstream TLS handshake failed")
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection whose exchange finished cleanly."""
