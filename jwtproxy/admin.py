@@ -1,7 +1,8 @@
 """The admin HTTP API (aiohttp.web), served by the supervisor on ``[admin] listen`` only.
 
 Routes: ``GET /healthz``, ``GET /readyz``, ``GET /metrics``, ``POST /revocations``,
-``GET /revocations``, ``DELETE /revocations/{jti}``, ``DELETE /revocations/sub/{sub}``, and
+``GET /revocations``, ``DELETE /revocations/{jti}``, ``DELETE /revocations/sub/{sub}``,
+``GET /.well-known/jwks.json`` (the signed assertions' public keys, contract §5.4), and
 with a ``status`` callable the status page: ``GET /`` with its ``/static/`` script and
 stylesheet, and ``GET /status`` (JSON; see ``jwtproxy.statuspage``).
 
@@ -15,7 +16,8 @@ Theory of operation
 * Authentication: when the token is non-empty, *every* request (probes included) must carry
   ``Authorization: Bearer <token>``, except the status page's shell and assets
   (``statuspage.PUBLIC_PATHS``: constant bytes, no data; the data at ``/status`` needs the
-  token like the rest). The comparison is ``hmac.compare_digest`` on bytes so
+  token like the rest) and ``GET /.well-known/jwks.json`` (public keys, which backends fetch
+  without a secret). The comparison is ``hmac.compare_digest`` on bytes so
   its time does not depend on where the first wrong byte is. Failure: 401 with
   ``WWW-Authenticate``; the presented value is never logged.
 * Request bodies are capped (64 KiB by default, 413 beyond) before any parsing.
@@ -40,6 +42,10 @@ __all__ = ["make_admin_app", "compute_readiness", "MAX_ADMIN_BODY"]
 
 #: Largest admin request body accepted (a revocation is a few hundred bytes).
 MAX_ADMIN_BODY = 64 * 1024
+#: Where backends fetch the public keys of the gateway's signed assertions (no admin token).
+JWKS_PATH = "/.well-known/jwks.json"
+#: Five minutes: the rotation procedure's wait between publishing a key and signing with it.
+JWKS_CACHE_CONTROL = "public, max-age=300"
 
 Json = dict[str, Any]
 
@@ -92,6 +98,7 @@ def make_admin_app(
     store: Callable[[], RevocationStore | None],
     parse_revocation: Callable[[bytes, float], tuple[str, str, float]],
     token: Callable[[], str] = lambda: "",
+    jwks: Callable[[], bytes | None] = lambda: None,
     now: Callable[[], float] = time.time,
     log: Callable[..., None] = log_event,
     max_body: int = MAX_ADMIN_BODY,
@@ -106,6 +113,8 @@ def make_admin_app(
         ``now`` to ``("jti", jti, exp)`` or ``("sub", sub, before)``; ValueError -> 400.
     token: returns the current admin token ("" = no authentication).
     status: returns the ``GET /status`` document; None leaves the status page out.
+    jwks: returns the signed assertions' public JWKS document, or None when there is none
+        (``GET /.well-known/jwks.json`` then answers 404). Served without the admin token.
     """
 
     @web.middleware
@@ -113,7 +122,8 @@ def make_admin_app(
                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:
         expected = token()
-        public = status is not None and request.method in ("GET", "HEAD") and request.path in PUBLIC_PATHS
+        public = request.method in ("GET", "HEAD") and (
+            request.path == JWKS_PATH or (status is not None and request.path in PUBLIC_PATHS))
         if expected and not public:
             header = request.headers.get("Authorization", "")
             scheme, _, presented = header.partition(" ")
@@ -140,6 +150,17 @@ def make_admin_app(
         response = await handler(request)
         response.force_close()
         return response
+
+    async def jwks_document(request: web.Request) -> web.Response:
+        body = jwks()
+        if body is None:
+            return _error(404, "not_found", "signed assertions are not enabled")
+        # Backends cache it (PyJWKClient, jose's createRemoteJWKSet) and refetch on an unknown kid;
+        # the rotation procedure waits this long between publishing a key and signing with it.
+        return web.Response(body=body, headers={
+            "Content-Type": "application/jwk-set+json",
+            "Cache-Control": JWKS_CACHE_CONTROL,
+        })
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -218,6 +239,7 @@ def make_admin_app(
         return delete
 
     app = web.Application(middlewares=[no_keepalive, guard], client_max_size=max_body)
+    app.router.add_get(JWKS_PATH, jwks_document)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

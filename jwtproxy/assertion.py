@@ -78,6 +78,7 @@ __all__ = [
     "GATEWAY_CLAIMS",
     "KeyRing",
     "generate_key",
+    "jwks_json",
     "key_from_private",
     "load_key_file",
     "load_key_pem",
@@ -181,6 +182,16 @@ def generate_key(algorithm: AssertionAlgorithm) -> AssertionKey:
     raise AssertionKeyError(f"unsupported assertion algorithm {algorithm!r}")
 
 
+def jwks_json(keys: Iterable[AssertionKey]) -> bytes:
+    """The public JWKS document (RFC 7517 §5) of ``keys``, each once, in order."""
+    unique: dict[str, AssertionKey] = {}
+    for key in keys:
+        unique.setdefault(key.kid, key)
+    return json.dumps(
+        {"keys": [dict(k.public_jwk) for k in unique.values()]}, separators=(",", ":")
+    ).encode("ascii")
+
+
 class KeyRing:
     """The key that signs and every key that is published (the signing key first)."""
 
@@ -192,10 +203,7 @@ class KeyRing:
             keys.setdefault(key.kid, key)
         self.signing = signing
         self.published: tuple[AssertionKey, ...] = tuple(keys.values())
-        # Rendered once: the admin listener serves these bytes as they are.
-        self.jwks_json: bytes = json.dumps(
-            {"keys": [dict(k.public_jwk) for k in self.published]}, separators=(",", ":")
-        ).encode("ascii")
+        self.jwks_json: bytes = jwks_json(self.published)
 
     @classmethod
     def from_keys(cls, keys: Sequence[AssertionKey], algorithm: AssertionAlgorithm) -> KeyRing:

@@ -74,7 +74,11 @@ def _process_replay_guard() -> HostReplayGuard:
 
 
 class Allow:
-    __slots__ = ("identity", "sub", "jti", "issuer")
+    """Forward the request. For a verified token also what a signed assertion is made from
+    (contract §5.4): the token's cache key, its claims and ``exp``; ``token_key`` is None for an
+    anonymous request, which carries no assertion."""
+
+    __slots__ = ("identity", "sub", "jti", "issuer", "token_key", "claims", "exp")
 
     def __init__(
         self,
@@ -82,11 +86,18 @@ class Allow:
         sub: str | None = None,
         jti: str | None = None,
         issuer: str | None = None,
+        *,
+        token_key: bytes | None = None,
+        claims: Mapping[str, Any] | None = None,
+        exp: float | None = None,
     ) -> None:
         self.identity = identity
         self.sub = sub
         self.jti = jti
         self.issuer = issuer
+        self.token_key = token_key
+        self.claims: Mapping[str, Any] = claims if claims is not None else {}
+        self.exp = exp
 
 
 ANONYMOUS = Allow([])
@@ -300,7 +311,7 @@ class AuthStage:
             if self.on_cache is not None:
                 self.on_cache("miss")
             try:
-                entry = self._verify(token, now, rules)
+                entry = self._verify(token, key, now, rules)
             except TokenRejected as exc:
                 return invalid_token(exc.reason, exc.description)
             except UnknownKid as exc:
@@ -314,7 +325,7 @@ class AuthStage:
             self.on_cache("hit")  # the cache returns only entries that have not expired
         return self._route_checks(rules, entry, now, token, presented)
 
-    def _verify(self, token: str, now: float, rules: RouteRules) -> CachedToken:
+    def _verify(self, token: str, key: bytes, now: float, rules: RouteRules) -> CachedToken:
         verified: Verified = self.verifier.verify(token, now, rules.issuers)
         claims = verified.claims
         identity = render_identity_headers(claims, self.claims_to_headers)
@@ -328,8 +339,16 @@ class AuthStage:
             scopes=token_scopes(claims),
             claims=claims,
             identity=identity,
-            allow=Allow(identity, verified.sub, verified.jti, verified.issuer.name),
             cnf=read_confirmation(claims),
+            allow=Allow(
+                identity,
+                verified.sub,
+                verified.jti,
+                verified.issuer.name,
+                token_key=key,
+                claims=claims,
+                exp=verified.exp,
+            ),
         )
 
     def _route_checks(

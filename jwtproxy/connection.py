@@ -667,6 +667,13 @@ class ClientConnection(asyncio.Protocol):
             framing = b"content-length: %d\r\n" % scanned.content_length
         else:
             framing = b""
+        allow = ex.auth
+        signer = gw.signer
+        assertion = None
+        if signer is not None and allow.token_key is not None:
+            # Contract §5.4: every request forwarded with a verified token; reused per
+            # (token, upstream), so a cache-hit request costs a dict lookup here, not a signature.
+            assertion = signer.assertion(allow.token_key, runtime.pool.name, allow.claims, allow.exp, time.time())
         upstream_head = gw.policy.upstream_head(
             head.method,
             target,
@@ -677,11 +684,12 @@ class ClientConnection(asyncio.Protocol):
             client_ip=self.client_ip,
             proto=proto,
             request_id=ex.request_id,
-            identity=ex.auth.identity,
+            identity=allow.identity,
             forward_authorization=runtime.forward_token or runtime.auth_off,
             drop_names=runtime.drop_names if self.trusted_peer else runtime.drop_untrusted,
             framing=framing,
             upgrade=b"websocket" if ex.upgrade else None,
+            assertion=assertion,
         )
         ex.state = advance(ex.state, ATTACH)
         try:

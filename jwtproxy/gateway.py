@@ -1,9 +1,10 @@
 """One worker's gateway: everything a request touches, built once per config.
 
 :class:`Gateway` compiles the config into what the hot path reads (route table, per-route
-runtime, header policy, upstream pools, the verification stage) and owns the listening servers
-and open connections. It is built by ``jwtproxy.worker.build_worker``, which hands it the
-verifier, the revocation check and the key refetch it cannot make itself.
+runtime, header policy, upstream pools, the verification stage, the assertion signer) and owns
+the listening servers and open connections. It is built by ``jwtproxy.worker.build_worker``,
+which hands it the verifier, the revocation check, the key refetch and the assertion signing key
+it cannot make itself.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jwtproxy.accesslog import AccessLog
+from jwtproxy.assertion import AssertionKey, AssertionSigner
 from jwtproxy.auth import AuthStage, CachedToken, RouteRules
 from jwtproxy.config import Config, IssuerConfig, RouteConfig
 from jwtproxy.connection import ClientConnection
@@ -118,16 +120,31 @@ class Gateway:
         proofs: ProofChecker | None = None,
         replay_host: HostReplayGuard | None = None,
         replay_remote: RedisReplayGuard | None = None,
+        assertion_key: AssertionKey | None = None,
     ) -> None:
         """``proofs``/``replay_host``: the DPoP checker and the host-wide jti guard (defaults
-        for a single process); ``replay_remote``: the cross-node jti guard (Redis), if any."""
+        for a single process); ``replay_remote``: the cross-node jti guard (Redis), if any;
+        ``assertion_key`` signs the assertions when ``[assertion] enabled`` (required then)."""
         self.config = config
         self.metrics = metrics
         self.access_log = AccessLog(config.server.access_log)
         self.router = Router(config.routes)
         #: Who may speak for the client (X-Forwarded-*, client_cert_header), contract §5.2.
         self.proxies = ProxyTrust(config.server.trusted_proxies, config.server.client_cert_header)
-        self.policy = HeaderPolicy(name for name, _ in config.claims_to_headers)
+        self.policy = HeaderPolicy((name for name, _ in config.claims_to_headers), config.assertion.header)
+        self.signer: AssertionSigner | None = None
+        if config.assertion.enabled:
+            if assertion_key is None:
+                raise ValueError("[assertion] is enabled but no signing key was given")
+            self.signer = AssertionSigner(
+                assertion_key,
+                issuer=config.assertion.issuer,
+                lifetime=config.assertion.lifetime,
+                claims=config.assertion.claims,
+                # As many reusable assertions as verified tokens: the token cache's bound, so a
+                # cache-hit request finds its assertion too.
+                cache_size=config.token.cache_size,
+            )
         self.pools = {
             name: UpstreamPool(upstream) for name, upstream in config.upstreams.items()
         }

@@ -5,9 +5,10 @@ Theory of operation
 Towards the upstream (contract §4 "Identity headers"):
 
 1. Every header whose name, lower-cased with everything but letters and digits removed, equals the
-   same reduction of a ``[claims_to_headers]`` name is dropped, on every route. ``X-User-Id``,
-   ``x_user_id``, ``X.USER.ID`` and ``xuserid`` are one name to us, because some servers (nginx with
-   ``underscores_in_headers``, CGI-style frameworks, WSGI) fold them into one.
+   same reduction of a ``[claims_to_headers]`` name or of the ``[assertion] header`` (contract §5.4)
+   is dropped, on every route. ``X-User-Id``, ``x_user_id``, ``X.USER.ID`` and ``xuserid`` are one
+   name to us, because some servers (nginx with ``underscores_in_headers``, CGI-style frameworks,
+   WSGI) fold them into one.
 2. Hop-by-hop headers (RFC 9110 §7.6.1) and every name listed in ``Connection`` are dropped. The
    gateway adds its own headers *after* this filtering, so ``Connection: x-user-id`` cannot remove
    an injected identity.
@@ -16,7 +17,7 @@ Towards the upstream (contract §4 "Identity headers"):
    ``X-Forwarded-For`` (client address appended), ``X-Forwarded-Proto``, ``X-Forwarded-Host``,
    ``X-Request-Id`` (kept if well-formed, else generated) and ``Expect`` (the gateway answers
    ``100-continue`` itself, after authentication).
-4. The verified identity headers are appended last.
+4. The verified identity headers are appended last, then the gateway's signed assertion, if any.
 
 Towards the client: hop-by-hop headers of the upstream response are dropped, framing is rebuilt by
 the connection, and ``X-Request-Id`` is echoed.
@@ -194,10 +195,15 @@ def scan_request_head(head: RequestHead) -> ScannedHead:
 class HeaderPolicy:
     """Compiled once per config: which client header names never reach an upstream."""
 
-    __slots__ = ("identity_keys", "_memo")
+    __slots__ = ("identity_keys", "assertion_prefix", "_memo")
 
-    def __init__(self, identity_header_names: Iterable[str]) -> None:
-        self.identity_keys = frozenset(header_key(n.encode("ascii")) for n in identity_header_names)
+    def __init__(self, identity_header_names: Iterable[str], assertion_header: str = "x-jwtproxy-assertion") -> None:
+        """``identity_header_names``: the ``[claims_to_headers]`` names; ``assertion_header``: the
+        ``[assertion] header``, dropped from clients like them whether or not assertions are on (a
+        backend once told to trust it must never receive a client's copy)."""
+        names = [*identity_header_names, assertion_header]
+        self.identity_keys = frozenset(header_key(n.encode("ascii")) for n in names)
+        self.assertion_prefix = assertion_header.encode("ascii") + b": "
         self._memo: dict[bytes, int] = {}
 
     def classify(self, name: bytes) -> int:
@@ -237,8 +243,10 @@ class HeaderPolicy:
         drop_names: frozenset[bytes],
         framing: bytes,
         upgrade: bytes | None,
+        assertion: bytes | None = None,
     ) -> bytes:
-        """The request head sent upstream. ``framing`` is ``content-length: N\\r\\n``-style bytes."""
+        """The request head sent upstream. ``framing`` is ``content-length: N\\r\\n``-style bytes;
+        ``assertion`` the signed assertion's value (a compact JWS: base64url and dots only)."""
         parts = [method, b" ", target, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
         append = parts.append
         classify = self.classify
@@ -266,6 +274,8 @@ class HeaderPolicy:
         )
         for name, value in identity:
             parts += (name, b": ", value, b"\r\n")
+        if assertion is not None:
+            parts += (self.assertion_prefix, assertion, b"\r\n")
         if upgrade is not None:
             parts += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
         append(framing)

@@ -22,7 +22,13 @@ Process model (``jwtproxy serve``)::
   with ``os._exit`` so nothing of the parent's state is finalised twice.
 * Inheritance: everything a worker takes over besides config and sockets travels on one
   ``WorkerInheritance`` (``jwtproxy.workerlink``): the link below, the last-good-keys
-  directory, the revocation mirror at fork.
+  directory, the revocation mirror at fork, and the assertion signing key generated here.
+* Assertion keys (contract §5.4): with ``[assertion] enabled`` and no ``key_files``, one key per
+  algorithm is generated here, before the first fork that needs it, and kept for the life of the
+  process: every worker of every generation signs with it and the admin JWKS publishes it until
+  exit. The JWKS also lists the ``key_files`` keys of the current config and, while a reload is
+  starting its new generation, of the new one, so a new signing key is published before the
+  first assertion it signs reaches a backend.
 * Worker link: a SOCK_SEQPACKET socketpair (message boundaries, no partial writes).
   ``WorkerControl.ready()`` / ``report(status)`` / a heartbeat every ``heartbeat_interval``
   started by ``ready()``. A worker whose heartbeat stops for ``hang_timeout`` is SIGKILLed
@@ -60,6 +66,7 @@ from aiohttp import web
 from . import systemd
 from .accesslog import log_event
 from .admin import compute_readiness, make_admin_app
+from .assertion import AssertionKey, generate_key, jwks_json
 from .config import Config, ConfigError, ListenAddr, RevocationConfig
 from .dpopreplay import TABLE_CAPACITY
 from .metrics import (
@@ -218,6 +225,8 @@ class Supervisor:
         self._stop_event: asyncio.Event | None = None
         self._started_at = time.time()
         self._traffic = RateWindow()
+        self._assertion_keys: dict[str, AssertionKey] = {}  # generated, by algorithm
+        self._reloading: Config | None = None  # the config a reload is starting workers for
 
     # -- entry point --------------------------------------------------------------------------
 
@@ -326,6 +335,7 @@ class Supervisor:
         loop = self._loop
         assert loop is not None
         sockets = [self._sockets[a] for a in config.server.listen]
+        assertion_key = self._generated_assertion_key(config)  # before the fork: one key for all
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCK_AROUND_FORK)
         try:
@@ -337,7 +347,7 @@ class Supervisor:
             raise
         if pid == 0:  # child: never returns
             parent_end.close()
-            self._child_main(worker_id, generation, config, sockets, child_end, old_mask)
+            self._child_main(worker_id, generation, config, sockets, child_end, old_mask, assertion_key)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         child_end.close()
         parent_end.setblocking(False)
@@ -351,7 +361,7 @@ class Supervisor:
 
     def _child_main(self, worker_id: int, generation: int, config: Config,
                     sockets: list[socket.socket], link: socket.socket,
-                    old_mask: Iterable[int]) -> None:
+                    old_mask: Iterable[int], assertion_key: AssertionKey | None) -> None:
         code = 1
         try:
             # Everything inherited from the supervisor is never freed in the worker: keeps
@@ -387,6 +397,7 @@ class Supervisor:
                 revocations=self._store.snapshot() if self._store is not None else None,
                 dpop_nonce_secret=self._dpop_nonce_secret,
                 dpop_replay=self._dpop_replay,
+                assertion_key=assertion_key,
             )
             target = self._target or _default_target()
             import uvloop
@@ -403,6 +414,26 @@ class Supervisor:
                 sys.stderr.flush()
             finally:
                 os._exit(code)
+
+    def _generated_assertion_key(self, config: Config) -> AssertionKey | None:
+        """The generated key ``config``'s workers sign with (None: assertions off or key_files)."""
+        settings = config.assertion
+        if not settings.enabled or settings.keys:
+            return None
+        key = self._assertion_keys.get(settings.algorithm)
+        if key is None:
+            key = self._assertion_keys[settings.algorithm] = generate_key(settings.algorithm)
+            log_event("assertion_key_generated", algorithm=key.algorithm, kid=key.kid)
+        return key
+
+    def assertion_jwks(self) -> bytes | None:
+        """The JWKS the admin listener serves, or None when there is no key to publish."""
+        keys: list[AssertionKey] = []
+        for config in (self._config, self._reloading):
+            if config is not None and config.assertion.enabled:
+                keys.extend(config.assertion.keys)
+        keys.extend(self._assertion_keys.values())
+        return jwks_json(keys) if keys else None
 
     def _on_message(self, w: _Worker) -> None:
         assert self._loop is not None
@@ -672,6 +703,9 @@ class Supervisor:
 
         generation = self._generation + 1
         count = new_config.server.workers
+        # The new config's assertion keys are published from now on (its workers may sign before
+        # the swap); if the reload fails, only the kept config's keys again.
+        self._reloading = new_config
         for worker_id in range(count):
             self._spawn(worker_id, generation, new_config)
 
@@ -689,6 +723,7 @@ class Supervisor:
             for addr, sock in added.items():
                 del self._sockets[addr]
                 sock.close()
+            self._reloading = None
             self._reload_failed("new workers did not become ready"
                                 if not self._stop_event.is_set() else "shutdown requested")
             return
@@ -696,6 +731,7 @@ class Supervisor:
         old = self._current()
         self._generation = generation
         self._config = new_config
+        self._reloading = None
         self._failures.clear()
         for w in old:
             self._stop_worker(w, old_config.server.shutdown_timeout)
@@ -807,6 +843,7 @@ class Supervisor:
             parse_revocation=parse_revocation_request,
             token=lambda: self.config.admin.token,
             status=self.status_document,
+            jwks=self.assertion_jwks,
         )
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jwtproxy.accesslog import log_event
+from jwtproxy.assertion import AssertionKey, generate_key
 from jwtproxy.config import Config
 from jwtproxy.dpop import NonceIssuer, ProofChecker
 from jwtproxy.dpopreplay import HostReplayGuard, RedisReplayGuard
@@ -101,6 +102,7 @@ class Worker:
             proofs=ProofChecker(NonceIssuer(secret)),
             replay_host=HostReplayGuard(inheritance.dpop_replay) if inheritance.dpop_replay is not None else None,
             replay_remote=self.replay_remote,
+            assertion_key=assertion_signing_key(config, inheritance),
         )
 
     def _keys_changed(self, issuer: str) -> None:
@@ -133,6 +135,25 @@ class Worker:
         await self.store.close()
         if self.replay_remote is not None:
             await self.replay_remote.close()
+
+
+def assertion_signing_key(config: Config, inheritance: WorkerInheritance) -> AssertionKey | None:
+    """The key this worker signs assertions with: the first of ``key_files``, else the key the
+    supervisor generated for every worker, else (no supervisor: tests, ``jwtproxy verify``) a
+    key of its own. None when assertions are off."""
+    settings = config.assertion
+    if not settings.enabled:
+        return None
+    if settings.keys:
+        return settings.keys[0]
+    inherited = inheritance.assertion_key
+    if inherited is None:
+        return generate_key(settings.algorithm)
+    if inherited.algorithm != settings.algorithm:
+        # The supervisor hands over the key for the config it forks with: a mismatch is a bug,
+        # and signing with a key nobody publishes would fail every backend.
+        raise ValueError(f"inherited an {inherited.algorithm} assertion key for algorithm {settings.algorithm}")
+    return inherited
 
 
 def _store_log(message: str, *args: Any) -> None:

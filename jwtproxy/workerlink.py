@@ -15,7 +15,10 @@ takes over from its parent, one field per kind:
   once per daemon, so a nonce issued by one worker is good on every worker and after reloads;
 * ``dpop_replay`` -- the host-wide table of DPoP proof ``jti`` values already used
   (``jwtproxy.dpopreplay``), shared memory created before the first fork, so a proof is good
-  once on the whole host, across workers and reload generations.
+  once on the whole host, across workers and reload generations;
+* ``assertion_key`` -- the assertion signing key the supervisor generated before forking when
+  ``[assertion] key_files`` is empty, so every worker signs with the key the admin JWKS
+  publishes (contract §5.4).
 
 A later feature that hands something new to workers (a shared-memory table, a key generated
 once per daemon, a secret all workers must share) adds a field here with a default that means
@@ -36,6 +39,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from jwtproxy.assertion import AssertionKey
 from jwtproxy.revocation import RevocationSnapshot
 from jwtproxy.sharedtable import SharedTable
 
@@ -110,7 +114,8 @@ class WorkerInheritance:
     """Everything a worker inherits from its supervisor besides config and sockets.
 
     The defaults describe a worker without a supervisor (tests, ``jwtproxy verify``): a link
-    that sends nothing, no shared key directory, no revocations handed over.
+    that sends nothing, no shared key directory, no revocations handed over, no generated
+    assertion key (such a worker generates its own when it needs one).
     """
 
     control: WorkerControl = field(default_factory=lambda: WorkerControl(0))
@@ -118,3 +123,4 @@ class WorkerInheritance:
     revocations: RevocationSnapshot | None = None
     dpop_nonce_secret: bytes | None = field(default=None, repr=False)  # None: the worker makes one
     dpop_replay: SharedTable | None = None  # None: the worker's own table (it is the whole host)
+    assertion_key: AssertionKey | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,12 @@ CLAIMS: dict[str, Any] = {
     "exp": NOW + 3600,
     "iat": NOW - 10,
 }
+
+
+@pytest.fixture(autouse=True)
+def _fresh_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Assertions live 60 s: "now" is taken when each test starts, not when the module was imported.
+    monkeypatch.setattr(sys.modules[__name__], "NOW", float(int(time.time())))
 
 
 def _b64decode(segment: str) -> bytes:
