@@ -457,6 +457,18 @@ class ClientConnection(asyncio.Protocol):
         return ex.received or ex.expects_body
 
     def _begin(self, ex: Exchange) -> None:
+        """Decide ``ex``; a fault while deciding ends it with a 500 rather than leaving it unanswered.
+
+        Called from codec callbacks (inside ``data_received``) and from the pipeline's scheduled
+        start: containing the fault here, at the one entry of the decision, answers the exchange
+        whose decision failed, wherever the call came from.
+        """
+        try:
+            self._decide(ex)
+        except Exception:
+            self.internal_error(ex)
+
+    def _decide(self, ex: Exchange) -> None:
         gw = self.gw
         scanned = ex.scanned
         ex.request_id = scanned.request_id or gw.next_request_id()
@@ -531,10 +543,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _begin_queued(self, ex: Exchange) -> None:
         if not self.closed and self.current is ex and ex.state == WAITING:
-            try:
-                self._begin(ex)
-            except Exception:
-                self.internal_error(ex)
+            self._begin(ex)
 
     async def _after_replay_check(self, ex: Exchange, runtime: RouteRuntime, check: CheckReplay) -> None:
         """Record the proof's jti across nodes (Redis) before forwarding; fail closed."""

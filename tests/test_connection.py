@@ -108,20 +108,40 @@ async def test_idle_upstream_closed_before_start_is_retried(make_gateway, backen
 async def test_fault_in_queued_begin_is_500_after_the_earlier_answer(make_gateway, backend, monkeypatch,
                                                                     loop_errors, caplog):
     gw = await make_gateway(routes=OPEN_ROUTES)
-    begin = ClientConnection._begin
+    decide = ClientConnection._decide
 
-    def begin_or_fail(self: ClientConnection, ex: Exchange) -> None:
+    def decide_or_fail(self: ClientConnection, ex: Exchange) -> None:
         if ex.head.target == b"/boom":
             raise RuntimeError("injected fault")
-        begin(self, ex)
+        decide(self, ex)
 
-    monkeypatch.setattr(ClientConnection, "_begin", begin_or_fail)
+    monkeypatch.setattr(ClientConnection, "_decide", decide_or_fail)
     wire = b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\nGET /boom HTTP/1.1\r\nHost: x\r\n\r\n"
     raw = await raw_exchange(gw.port, wire, until_close=True, read_timeout=3)
     statuses = [status for status, _, _ in parse_responses(raw)]
     assert statuses == [200, 500], raw
     assert len(internal_errors(caplog)) == 1
     await settle_loop(loop_errors)
+
+
+@pytest.mark.parametrize("wire", [
+    b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n",  # decided at its end
+    b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",  # decided at its head
+], ids=["no-body", "body"])
+async def test_fault_while_deciding_the_first_request_is_500(make_gateway, backend, monkeypatch, loop_errors,
+                                                              caplog, wire):
+    """A fault inside the decision itself (here: authorisation) answers that exchange, never hangs it."""
+    gw = await make_gateway(routes=AUTH_ROUTES)
+
+    def authorize(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(gw.gateway.auth, "authorize", authorize)
+    raw = await raw_exchange(gw.port, wire, until_close=True, read_timeout=3)
+    assert raw.startswith(b"HTTP/1.1 500 "), raw
+    assert len(internal_errors(caplog)) == 1
+    await settle_loop(loop_errors)
+    assert backend.seen == []
 
 
 async def test_fault_in_connect_task_is_500(make_gateway, backend, monkeypatch, loop_errors, caplog):
