@@ -92,9 +92,14 @@ def toml_config(
     access_log: bool = False,
     extra_routes: str = "",
     revocation: str | None = None,
+    backend_scheme: str = "http",
+    upstream_extra: str = "",
+    extra_sections: str = "",
 ) -> str:
     """A complete ``jwtproxy.toml``: one jwks_file issuer, routes ``/`` (auth) and ``/open``;
-    ``revocation`` is the ``[revocation]`` section's body (default: sqlite in ``tmp``)."""
+    ``revocation`` is the ``[revocation]`` section's body (default: sqlite in ``tmp``);
+    ``upstream_extra`` more lines of ``[upstream.backend]`` (e.g. ``ca_file``), ``extra_sections``
+    whole sections appended (e.g. ``[assertion]``)."""
     admin = f"127.0.0.1:{admin_port}" if admin_port else ""
     if revocation is None:
         revocation = sqlite_section(tmp / "revocations.db")
@@ -128,12 +133,13 @@ upstream = "backend"
 auth = "off"
 {extra_routes}
 [upstream.backend]
-targets = ["http://127.0.0.1:{backend_port}"]
+targets = ["{backend_scheme}://127.0.0.1:{backend_port}"]
 connect_timeout = 2
 response_timeout = 10
-
+{upstream_extra}
 [revocation]
 {revocation}
+{extra_sections}
 """
 
 
