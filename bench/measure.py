@@ -54,6 +54,8 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
              ("jwtproxy-httptools", "jwtproxy-h11")),
     Scenario("h", "DPoP-bound token (cached), a fresh EdDSA proof per request", "/", "dpop-eddsa", 200,
              ("jwtproxy-httptools", "jwtproxy-h11")),
+    Scenario("i", "one valid RS256 token reused, signed assertions on vs off (cache-hit path)", "/",
+             "one-rs256", 200, ("jwtproxy-httptools", "jwtproxy-assertion")),
 )}
 
 

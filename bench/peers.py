@@ -10,6 +10,7 @@ measured, so a misconfigured peer can never win.
 """
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -33,11 +34,13 @@ PORT_OFFSETS = {
     "node": 3,
     "jwtproxy-httptools": 4,
     "jwtproxy-h11": 5,
+    "jwtproxy-assertion": 6,
     "nginx": 10,          # the upstream itself: the ceiling row sends load straight to it
     "envoy-admin": 11,
     "envoy-nojwt-admin": 12,
     "jwtproxy-httptools-admin": 13,
     "jwtproxy-h11-admin": 14,
+    "jwtproxy-assertion-admin": 15,
 }
 
 
@@ -265,10 +268,11 @@ class Jwtproxy(Peer):
 
     stats_delay = 1.2
 
-    def __init__(self, parser: str) -> None:
+    def __init__(self, parser: str, assertion: bool = False) -> None:
         self.parser = parser
-        self.key = f"jwtproxy-{parser}"
-        self.label = f"jwtproxy ({parser})"
+        self.assertion = assertion
+        self.key = "jwtproxy-assertion" if assertion else f"jwtproxy-{parser}"
+        self.label = f"jwtproxy ({parser}) + signed assertions" if assertion else f"jwtproxy ({parser})"
 
     def missing(self) -> str | None:
         return None
@@ -292,6 +296,8 @@ class Jwtproxy(Peer):
             "UPSTREAM_PORT": str(env.upstream_port),
             "ADMIN_PORT": str(env.ports[f"{self.key}-admin"]),
             "WORK": str(env.rundir.resolve()),
+            # A generated ES256 key (no key_files): what a first deployment runs.
+            "ASSERTION": "[assertion]\nenabled = true\n" if self.assertion else "",
         })
 
     def cache_counts(self, env: BenchEnv) -> tuple[int, int] | None:
@@ -323,7 +329,7 @@ class Jwtproxy(Peer):
 
 ALL_PEERS: dict[str, Peer] = {p.key: p for p in (
     Ceiling(), Envoy(jwt=True), Envoy(jwt=False), NodeGateway(),
-    Jwtproxy("httptools"), Jwtproxy("h11"),
+    Jwtproxy("httptools"), Jwtproxy("h11"), Jwtproxy("httptools", assertion=True),
 )}
 
 
@@ -357,7 +363,31 @@ def sanity_check(peer: Peer, env: BenchEnv) -> list[str]:
         # The upstream must see the verified subject, never a value the client forged.
         expect("upstream saw x-user-id", "/whoami", 200, env.rs_token,
                headers={"x-user-id": "forged-by-client"}, body=b"user-000000")
+        if isinstance(peer, Jwtproxy) and peer.assertion:
+            problems.extend(_assertion_problems(peer, env))
     else:
         expect("proxied request", "/", 200, env.rs_token, body=b"ok")
         expect("64 KiB response", "/big", 200, env.rs_token, body=big_body)
     return problems
+
+
+def _assertion_problems(peer: Peer, env: BenchEnv) -> list[str]:
+    """The upstream must receive the gateway's signed assertion, never the client's copy."""
+    forged = "forged.by.client"
+    try:
+        status, body = http_get(peer.port(env), "/assertion", env.rs_token,
+                                {"x-jwtproxy-assertion": forged, "x_jwtproxy_assertion": forged})
+    except OSError as exc:
+        return [f"assertion: {exc}"]
+    if status != 200:
+        return [f"assertion: status {status}, expected 200"]
+    parts = body.split(b".")
+    if forged.encode() in body or len(parts) != 3:
+        return [f"assertion: upstream saw {body[:60]!r}, expected the gateway's JWS"]
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + b"=" * (-len(parts[1]) % 4)))
+    except ValueError:
+        return ["assertion: payload is not base64url JSON"]
+    if payload.get("aud") != "origin" or payload.get("sub") != "user-000000":
+        return [f"assertion: aud/sub {payload.get('aud')!r}/{payload.get('sub')!r}, expected origin/user-000000"]
+    return []

@@ -28,10 +28,12 @@ TARGETS: tuple[Target, ...] = (
     Target("c", "(c) jwtproxy/httptools >= 1.0x Envoy rps", "jwtproxy-httptools", "envoy", "rps", 1.0),
     Target("e", "(e) jwtproxy/httptools >= 1.0x Envoy without JWT filter", "jwtproxy-httptools",
            "envoy-nojwt", "rps", 1.0),
+    Target("i", "(i) signed assertions on >= 0.9x off", "jwtproxy-assertion", "jwtproxy-httptools", "rps", 0.9),
 )
 
 # Which row each scenario's "vs" column divides by.
-REFERENCE = {"a": "envoy", "b": "envoy", "c": "envoy", "d": "envoy", "e": "envoy-nojwt", "f": "envoy"}
+REFERENCE = {"a": "envoy", "b": "envoy", "c": "envoy", "d": "envoy", "e": "envoy-nojwt", "f": "envoy",
+             "i": "jwtproxy-httptools"}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -131,7 +133,7 @@ def targets_table(results: Mapping[str, Mapping[str, Row]]) -> list[str]:
 # One colour per system, the same in every panel.
 COLOURS = {
     "nginx": "#9e9e9e", "envoy": "#d62728", "envoy-nojwt": "#ff9896", "node": "#2ca02c",
-    "jwtproxy-httptools": "#1f77b4", "jwtproxy-h11": "#aec7e8",
+    "jwtproxy-httptools": "#1f77b4", "jwtproxy-h11": "#aec7e8", "jwtproxy-assertion": "#9467bd",
 }
 
 

@@ -44,7 +44,7 @@ import tokens  # noqa: E402
 WORK = BENCH / "work"
 RESULTS = BENCH / "results"
 README = BENCH / "README.md"
-QUICK_PEERS = ("jwtproxy-httptools", "jwtproxy-h11")
+QUICK_PEERS = ("jwtproxy-httptools", "jwtproxy-h11", "jwtproxy-assertion")
 README_START = "<!-- latest-results:start -->"
 README_END = "<!-- latest-results:end -->"
 

@@ -1,7 +1,8 @@
 """A tiny keep-alive HTTP/1.1 origin for `bench/run.py --quick` on machines without nginx.
 
 It answers like the nginx bench upstream (templates/nginx.conf): ``/whoami`` echoes the
-``x-user-id`` request header (so a sanity check can prove the proxy injected it), ``/big``
+``x-user-id`` request header (so a sanity check can prove the proxy injected it), ``/assertion``
+the ``x-jwtproxy-assertion`` header, ``/big``
 returns 65,536 bytes, every other path returns ``ok``. Run as
 ``python bench/upstream.py PORT``; it serves until SIGTERM/SIGINT.
 """
@@ -32,6 +33,7 @@ class OriginProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.user_id = b""
+        self.assertion = b""
         self._field = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -49,13 +51,17 @@ class OriginProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.user_id = b""
+        self.assertion = b""
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"x-user-id":
+        name = name.lower()
+        if name == b"x-user-id":
             self.user_id = value
+        elif name == b"x-jwtproxy-assertion":
+            self.assertion = value
 
     def on_message_complete(self) -> None:
         if self.transport is None:
@@ -63,6 +69,8 @@ class OriginProtocol(asyncio.Protocol):
         path = self.url.split(b"?", 1)[0]
         if path == b"/whoami":
             body = self.user_id
+        elif path == b"/assertion":
+            body = self.assertion
         elif path == b"/big":
             body = BIG
         else:

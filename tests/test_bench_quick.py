@@ -25,12 +25,12 @@ pytestmark = pytest.mark.slow
 
 
 def _free_port_base() -> int:
-    """A base port whose whole block (base+1 .. base+14) is free right now."""
+    """A base port whose whole block (base+1 .. base+15) is free right now."""
     for _ in range(50):
         base = random.randrange(20000, 29000, 20)
-        if all(_port_free(base + i) for i in range(1, 15)):
+        if all(_port_free(base + i) for i in range(1, 16)):
             return base
-    pytest.skip("no free block of 14 ports")
+    pytest.skip("no free block of 15 ports")
 
 
 def _port_free(port: int) -> bool:
@@ -43,7 +43,7 @@ def _port_free(port: int) -> bool:
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (bench/setup.sh --quick)")
-@pytest.mark.parametrize(("upstream", "scenarios"), [("auto", "abcdefgh"), ("python", "adfg")])
+@pytest.mark.parametrize(("upstream", "scenarios"), [("auto", "abcdefghi"), ("python", "adfgi")])
 def test_bench_quick_mode_measures_every_row(tmp_path: Path, upstream: str, scenarios: str) -> None:
     if upstream == "auto" and shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
         pytest.skip("nginx not installed: the python-upstream case covers the fallback")
@@ -61,8 +61,10 @@ def test_bench_quick_mode_measures_every_row(tmp_path: Path, upstream: str, scen
     text = report.read_text()
     for scenario in scenarios:
         assert f"## ({scenario})" in text
-    # One table row per codec per scenario, each with a positive req/s and zero errors.
-    rows = re.findall(r"^\| jwtproxy \((httptools|h11)\) \| ([\d,]+) \|.*\| (\S+) \|$", text, re.M)
+    # Two rows per scenario (one per codec; in (i) assertions off and on), each with a positive
+    # req/s and zero errors.
+    rows = re.findall(r"^\| jwtproxy \((httptools|h11)\)(?: \+ signed assertions)? \| ([\d,]+) \|.*\| (\S+) \|$",
+                      text, re.M)
     assert len(rows) == 2 * len(scenarios), text
     for codec, rps, errors in rows:
         assert int(rps.replace(",", "")) > 0, (codec, rps)
