@@ -27,7 +27,9 @@ invariants without checking again:
   key source; ``none`` is never an algorithm; HS algorithms appear exactly when ``hs_secret`` is set
   and at least 32 bytes (RFC 7518 §3.2); ``(host, path_prefix)`` is unique among routes; routes
   with ``auth = "off"`` carry no requirements that would silently go unchecked; no claim is ever
-  mapped onto a framing, hop-by-hop, credential or gateway-managed header (request smuggling).
+  mapped onto a framing, hop-by-hop, credential or gateway-managed header (request smuggling); an
+  ``[authz]`` listener never shares a socket with a traffic or admin listener (it believes the
+  headers that describe the original request, so only the front proxy may reach it).
 * Defaults live in one place: the dataclass field defaults below, which the loader reads back.
 """
 
@@ -54,6 +56,7 @@ from jwtproxy.routing import BadRequest, normalise_path
 __all__ = [
     "AdminConfig",
     "AssertionConfig",
+    "AuthzConfig",
     "Config",
     "ConfigError",
     "DEFAULT_ALGORITHMS",
@@ -69,6 +72,7 @@ __all__ = [
     "TokenSource",
     "UpstreamConfig",
     "default_config_path",
+    "listeners_overlap",
     "load_config",
     "parse_config",
 ]
@@ -158,6 +162,15 @@ class AdminConfig:
 
     listen: ListenAddr | None = ListenAddr("127.0.0.1", 9901)  # None: admin listener disabled
     token: str = field(default="", repr=False)  # "" = no admin authentication
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzConfig:
+    """``[authz]``: the forward-auth listeners (empty: off) and the prefix the original path
+    follows on the request's own path (Envoy ext_authz ``path_prefix``), in normal form."""
+
+    listen: tuple[ListenAddr, ...] = ()
+    path_prefix: str = "/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +294,7 @@ class Config:
     claims_to_headers: tuple[tuple[str, str], ...] = DEFAULT_CLAIMS_TO_HEADERS  # (lower-case header, claim)
     revocation: RevocationConfig = RevocationConfig()
     assertion: AssertionConfig = AssertionConfig()
+    authz: AuthzConfig = AuthzConfig()
 
 
 class ConfigError(Exception):
@@ -336,6 +350,7 @@ def parse_config(data: Mapping[str, Any], filename: str, env: Mapping[str, str] 
     root = _Table(p, "", data, _ROOT_KEYS)
     server = _parse_server(p, root.table("server", _SERVER_KEYS))
     admin = _parse_admin(p, root.table("admin", _ADMIN_KEYS), server)
+    authz = _parse_authz(p, root.table("authz", _AUTHZ_KEYS), server, admin)
     token = _parse_token(p, root.table("token", _TOKEN_KEYS))
     issuer_entries = root.array_of_tables("issuer")
     issuers = _parse_issuers(p, issuer_entries)
@@ -356,6 +371,7 @@ def parse_config(data: Mapping[str, Any], filename: str, env: Mapping[str, str] 
     if (
         server is None or admin is None or token is None or issuers is None or upstreams is None
         or routes is None or claims_to_headers is None or revocation is None or assertion is None
+        or authz is None
     ):  # pragma: no cover - guarded by the problem list above
         raise ConfigError([f"{filename}: internal error: incomplete configuration"])
     return Config(
@@ -369,6 +385,7 @@ def parse_config(data: Mapping[str, Any], filename: str, env: Mapping[str, str] 
         claims_to_headers=claims_to_headers,
         revocation=revocation,
         assertion=assertion,
+        authz=authz,
     )
 
 
@@ -608,6 +625,7 @@ _PORT = re.compile(r"[0-9]{1,5}")
 
 _ROOT_KEYS = (
     "server", "admin", "token", "issuer", "route", "upstream", "claims_to_headers", "revocation", "assertion",
+    "authz",
 )  # fmt: skip
 _SERVER_KEYS = (
     "listen", "workers", "http_parser", "tls_cert", "tls_key", "max_header_bytes", "max_body_bytes",
@@ -615,6 +633,7 @@ _SERVER_KEYS = (
     "tls_client_ca", "tls_client_cert", "trusted_proxies", "client_cert_header",
 )  # fmt: skip
 _ADMIN_KEYS = ("listen", "token")
+_AUTHZ_KEYS = ("listen", "path_prefix")
 _TOKEN_KEYS = ("max_bytes", "cache_size", "sources")
 _ISSUER_KEYS = (
     "name", "issuer", "jwks_uri", "discovery", "jwks_file", "audiences", "algorithms", "leeway",
@@ -634,6 +653,7 @@ _ASSERTION_KEYS = ("enabled", "header", "issuer", "algorithm", "key_files", "lif
 
 _D_SERVER = ServerConfig()
 _D_ADMIN = AdminConfig()
+_D_AUTHZ = AuthzConfig()
 _D_TOKEN = TokenConfig()
 _D_ISSUER = IssuerConfig(name="", issuer="")
 _D_ROUTE = RouteConfig(path_prefix="/")
@@ -865,6 +885,65 @@ def _parse_admin(p: _Problems, t: _Table | None, server: ServerConfig | None) ->
     if len(p.items) != n:
         return None
     return AdminConfig(listen=listen, token=token)
+
+
+def listeners_overlap(a: ListenAddr, b: ListenAddr) -> bool:
+    """Whether two listen addresses could be the same socket: the same port (never port 0, which
+    the OS picks afresh) and hosts that are equal, or where one is the wildcard of the other's
+    family (``0.0.0.0:X`` takes ``127.0.0.1:X``; ``[::]:X`` is IPv6-only, as bound). A host
+    name cannot be told apart from an address without resolving it, so it overlaps anything
+    on its port: such a pair is refused rather than left to fail, or not, at bind time."""
+    if a.port != b.port or a.port == 0:
+        return False
+    if a.host == b.host:
+        return True
+    try:
+        ip_a = ipaddress.ip_address(a.host)
+        ip_b = ipaddress.ip_address(b.host)
+    except ValueError:
+        return True
+    return ip_a.version == ip_b.version and (ip_a.is_unspecified or ip_b.is_unspecified)
+
+
+def _parse_authz(
+    p: _Problems, t: _Table | None, server: ServerConfig | None, admin: AdminConfig | None
+) -> AuthzConfig | None:
+    if t is None:
+        return None
+    n = len(p.items)
+    listen: list[ListenAddr] = []
+    for path, text in t.strings("listen", tuple(str(a) for a in _D_AUTHZ.listen)):
+        addr = _parse_listen(text)
+        if isinstance(addr, str):
+            p.add(path, addr)
+            continue
+        if addr in listen:
+            p.add(path, f"duplicate address '{text}'")
+            continue
+        # The authz listener believes X-Original-URI and friends from anyone who reaches it, so a
+        # socket shared with traffic would let any client describe its own request.
+        clash = next((str(a) for a in server.listen if listeners_overlap(addr, a)), None) if server else None
+        if clash is not None:
+            p.add(path, f"'{text}' overlaps server.listen '{clash}': the authz listener must never be a traffic listener")
+        elif admin is not None and admin.listen is not None and listeners_overlap(addr, admin.listen):
+            p.add(path, f"'{text}' overlaps admin.listen '{admin.listen}'")
+        else:
+            listen.append(addr)
+    path_prefix = t.string("path_prefix", _D_AUTHZ.path_prefix)
+    if t.ok("path_prefix"):
+        if not path_prefix.startswith("/"):
+            t.fail("path_prefix", f"must start with '/', got '{path_prefix}'")
+        else:
+            try:
+                normal = normalise_path(path_prefix)
+            except BadRequest as exc:
+                normal = None
+                t.fail("path_prefix", f"'{path_prefix}' is not a valid path: {exc.description}")
+            if normal is not None and normal != path_prefix:
+                t.fail("path_prefix", f"'{path_prefix}' is not in normal form (write '{normal}')")
+    if len(p.items) != n:
+        return None
+    return AuthzConfig(listen=tuple(listen), path_prefix=path_prefix)
 
 
 _SOURCE_KINDS: Final = ("header", "query", "cookie")

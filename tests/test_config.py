@@ -16,6 +16,7 @@ from jwtproxy.config import (
     DEFAULT_ALGORITHMS,
     DEFAULT_CLAIMS_TO_HEADERS,
     AdminConfig,
+    AuthzConfig,
     Config,
     ConfigError,
     IssuerConfig,
@@ -28,6 +29,7 @@ from jwtproxy.config import (
     TokenSource,
     UpstreamConfig,
     default_config_path,
+    listeners_overlap,
     load_config,
     parse_config,
 )
@@ -36,7 +38,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 F = "t.toml"
 SECRET = "s" * 32
 ALL_ALGS = "RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 ES512 EdDSA Ed25519 HS256 HS384 HS512"
-ROOT_KEYS = "server, admin, token, issuer, route, upstream, claims_to_headers, revocation, assertion"
+ROOT_KEYS = "server, admin, token, issuer, route, upstream, claims_to_headers, revocation, assertion, authz"
 
 
 def base() -> dict[str, Any]:
@@ -115,6 +117,7 @@ def test_shipped_sample_sets_every_documented_key() -> None:
     assert set(data["upstream"]["demo"]) == set(mod._UPSTREAM_KEYS)
     assert set(data["revocation"]) == set(mod._REVOCATION_KEYS)
     assert set(data["assertion"]) == set(mod._ASSERTION_KEYS)
+    assert set(data["authz"]) == set(mod._AUTHZ_KEYS)
 
 
 FULL = """
@@ -427,6 +430,48 @@ def test_repeated_upstream_target_weights_round_robin() -> None:
     )
 
 
+def test_authz_is_off_by_default_and_takes_its_own_addresses() -> None:
+    assert parse(base()).authz == AuthzConfig(listen=(), path_prefix="/")
+    cfg = parse(with_(lambda d: d.update(
+        server={"listen": ["0.0.0.0:8080", "[::]:8080"]},
+        admin={"listen": "127.0.0.1:9901"},
+        # Another port of the same wildcard, and the IPv6 loopback beside an IPv4 wildcard (the
+        # sockets are IPv6-only, so "[::]:8081" and "0.0.0.0:8081" are two sockets).
+        authz={"listen": ["127.0.0.1:8090", "[::1]:8091"], "path_prefix": "/authz"},
+    )))
+    assert cfg.authz == AuthzConfig(listen=(ListenAddr("127.0.0.1", 8090), ListenAddr("::1", 8091)), path_prefix="/authz")
+
+
+def test_authz_and_traffic_may_both_ask_for_port_zero() -> None:
+    cfg = parse(with_(lambda d: d.update(server={"listen": ["127.0.0.1:0"]}, authz={"listen": ["127.0.0.1:0"]})))
+    assert cfg.authz.listen == (ListenAddr("127.0.0.1", 0),)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ("127.0.0.1:80", "127.0.0.1:80", True),
+        ("127.0.0.1:80", "127.0.0.1:81", False),
+        ("0.0.0.0:80", "127.0.0.2:80", True),
+        ("127.0.0.2:80", "0.0.0.0:80", True),
+        ("127.0.0.1:80", "127.0.0.2:80", False),
+        ("[::]:80", "[::1]:80", True),
+        ("[::]:80", "0.0.0.0:80", False),  # bound IPv6-only
+        ("[::]:80", "127.0.0.1:80", False),
+        ("localhost:80", "127.0.0.1:80", True),  # a name could resolve to anything
+        ("localhost:80", "localhost:81", False),
+        ("127.0.0.1:0", "127.0.0.1:0", False),  # port 0: the OS picks two ports
+    ],
+)
+def test_listeners_overlap(a: str, b: str, overlap: bool) -> None:
+    from jwtproxy.config import _parse_listen
+
+    left, right = _parse_listen(a), _parse_listen(b)
+    assert isinstance(left, ListenAddr) and isinstance(right, ListenAddr)
+    assert listeners_overlap(left, right) is overlap
+    assert listeners_overlap(right, left) is overlap
+
+
 def test_listen_port_zero_is_allowed_for_tests() -> None:
     cfg = parse(with_(lambda d: d.update(server={"listen": ["127.0.0.1:0"]}, admin={"listen": "127.0.0.1:0"})))
     assert cfg.server.listen == (ListenAddr("127.0.0.1", 0),)
@@ -686,6 +731,56 @@ CASES: list[tuple[str, Mutation, str]] = [
         "listen duplicate spelled differently",
         _set("server", listen=["[::]:80", "[0::0]:80"]),
         "server.listen[1]: duplicate address '[0::0]:80'",
+    ),
+    # --- [authz]: its own addresses, never a traffic or admin listener, a prefix in normal form
+    ("authz typo", _set("authz", lissen=[]), "authz.lissen: unknown key (did you mean 'listen'?)"),
+    ("authz listen type", _set("authz", listen="127.0.0.1:8090"), "authz.listen: expected an array of strings, got string"),
+    ("authz listen bad", _set("authz", listen=["8090"]), 'authz.listen[0]: expected "host:port", e.g. "127.0.0.1:8080" (or "[::]:8080" for IPv6)'),
+    (
+        "authz listen duplicate spelled differently",
+        _set("authz", listen=["[::1]:8090", "[0:0::1]:8090"]),
+        "authz.listen[1]: duplicate address '[0:0::1]:8090'",
+    ),
+    (
+        "authz on a traffic listener",
+        lambda d: d.update(server={"listen": ["127.0.0.1:8080"]}, authz={"listen": ["127.0.0.1:8080"]}),
+        "authz.listen[0]: '127.0.0.1:8080' overlaps server.listen '127.0.0.1:8080': "
+        "the authz listener must never be a traffic listener",
+    ),
+    (
+        "authz inside a wildcard traffic listener",
+        lambda d: d.update(server={"listen": ["0.0.0.0:8080"]}, authz={"listen": ["127.0.0.1:8080"]}),
+        "authz.listen[0]: '127.0.0.1:8080' overlaps server.listen '0.0.0.0:8080': "
+        "the authz listener must never be a traffic listener",
+    ),
+    (
+        "authz wildcard over a traffic listener",
+        lambda d: d.update(server={"listen": ["[::1]:8080"]}, authz={"listen": ["[::]:8080"]}),
+        "authz.listen[0]: '[::]:8080' overlaps server.listen '[::1]:8080': "
+        "the authz listener must never be a traffic listener",
+    ),
+    (
+        "authz host name on a traffic port",
+        lambda d: d.update(server={"listen": ["127.0.0.1:8080"]}, authz={"listen": ["localhost:8080"]}),
+        "authz.listen[0]: 'localhost:8080' overlaps server.listen '127.0.0.1:8080': "
+        "the authz listener must never be a traffic listener",
+    ),
+    (
+        "authz on the admin listener",
+        lambda d: d.update(admin={"listen": "127.0.0.1:9901"}, authz={"listen": ["0.0.0.0:9901"]}),
+        "authz.listen[0]: '0.0.0.0:9901' overlaps admin.listen '127.0.0.1:9901'",
+    ),
+    ("authz prefix type", _set("authz", path_prefix=1), "authz.path_prefix: expected a string, got integer"),
+    ("authz prefix relative", _set("authz", path_prefix="authz"), "authz.path_prefix: must start with '/', got 'authz'"),
+    (
+        "authz prefix not normal",
+        _set("authz", path_prefix="/a//b/./c"),
+        "authz.path_prefix: '/a//b/./c' is not in normal form (write '/a/b/c')",
+    ),
+    (
+        "authz prefix invalid",
+        _set("authz", path_prefix="/a%2Fb"),
+        "authz.path_prefix: '/a%2Fb' is not a valid path: encoded '/' (%2F) in path",
     ),
     ("admin listen bad", _set("admin", listen="9901"), 'admin.listen: expected "host:port", e.g. "127.0.0.1:8080" (or "[::]:8080" for IPv6)'),
     ("admin listen type", _set("admin", listen=["127.0.0.1:1"]), "admin.listen: expected a string, got array"),
