@@ -545,7 +545,7 @@ async def test_admin_probes_metrics_and_token(start_daemon: Any, rsa_key: Signin
     # Workers flush their counts about once a second.
     total_now, text = await _metric_total(d, auth, before + sent)
     assert total_now == before + sent
-    assert 'jwtproxy_requests_total{route="/",status="200"}' in text
+    assert 'jwtproxy_requests_total{listener="traffic",route="/",status="200"}' in text
     for name in ("jwtproxy_request_duration_seconds_bucket", "jwtproxy_token_cache_total"):
         assert name in text
 

@@ -73,8 +73,8 @@ def test_aggregates_across_two_processes_and_dead_workers(multiproc_dir: Path) -
         assert p.exitcode == 0
         mark_worker_dead(p.pid)   # counters of dead workers stay in the totals
     text = render_metrics().decode()
-    assert sample(text, "jwtproxy_requests_total", route="/a", status="200") == 5
-    assert sample(text, "jwtproxy_requests_total", route="/a", status="401") == 2
+    assert sample(text, "jwtproxy_requests_total", route="/a", status="200", listener="traffic") == 5
+    assert sample(text, "jwtproxy_requests_total", route="/a", status="401", listener="traffic") == 2
     assert sample(text, "jwtproxy_auth_failures_total", reason="expired") == 2
     assert sample(text, "jwtproxy_token_cache_total", result="hit") == 2
     assert sample(text, "jwtproxy_token_cache_total", result="miss") == 2
@@ -111,9 +111,9 @@ def test_hot_path_does_not_touch_prometheus_until_flush(multiproc_dir: Path) -> 
     assert list(multiproc_dir.glob("*.db")) == []
     assert "jwtproxy_requests_total{" not in render_metrics().decode()
     m.flush()
-    assert sample(render_metrics().decode(), "jwtproxy_requests_total", route="/x", status="200") == 1
+    assert sample(render_metrics().decode(), "jwtproxy_requests_total", route="/x", status="200", listener="traffic") == 1
     m.flush()   # nothing new: totals unchanged, not doubled
-    assert sample(render_metrics().decode(), "jwtproxy_requests_total", route="/x", status="200") == 1
+    assert sample(render_metrics().decode(), "jwtproxy_requests_total", route="/x", status="200", listener="traffic") == 1
 
 
 def test_bucket_boundaries_are_inclusive() -> None:
@@ -138,7 +138,7 @@ def test_flush_periodically_flushes_on_cancel(multiproc_dir: Path) -> None:
 
     asyncio.run(main())
     assert sample(render_metrics().decode(), "jwtproxy_requests_total",
-                  route="/late", status="503") == 1
+                  route="/late", status="503", listener="traffic") == 1
 
 
 def test_single_process_mode_renders_default_registry(monkeypatch: pytest.MonkeyPatch) -> None:
