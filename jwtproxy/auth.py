@@ -74,11 +74,14 @@ def _process_replay_guard() -> HostReplayGuard:
 
 
 class Allow:
-    """Forward the request. For a verified token also what a signed assertion is made from
-    (contract §5.4): the token's cache key, its claims and ``exp``; ``token_key`` is None for an
-    anonymous request, which carries no assertion."""
+    """Forward the request, with these identity headers. For a verified token also what a signed
+    assertion is made from (contract §5.4): the token's cache key, its claims and ``exp``;
+    ``token_key`` is None for an anonymous request, which carries no assertion.
+    ``identity_block`` is the identity headers as ``name: value\\r\\n`` lines, rendered once per
+    verified token: an authz listener's answer carries them (contract §5.1), so a cached token's
+    answer costs no rendering."""
 
-    __slots__ = ("identity", "sub", "jti", "issuer", "token_key", "claims", "exp")
+    __slots__ = ("identity", "identity_block", "sub", "jti", "issuer", "token_key", "claims", "exp")
 
     def __init__(
         self,
@@ -92,6 +95,7 @@ class Allow:
         exp: float | None = None,
     ) -> None:
         self.identity = identity
+        self.identity_block = b"".join(b"%b: %b\r\n" % pair for pair in identity)
         self.sub = sub
         self.jti = jti
         self.issuer = issuer

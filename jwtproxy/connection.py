@@ -58,6 +58,7 @@ from jwtproxy.dpopreplay import ReplayCheckUnavailable
 from jwtproxy.forwarded import Forwarded
 from jwtproxy.mtls import header_thumbprint, peer_thumbprint
 from jwtproxy.codec import ProtocolError, RequestHead, make_codec
+from jwtproxy.forwardauth import original_request
 from jwtproxy.headerpolicy import ScannedHead, response_head, scan_request_head
 from jwtproxy.lifecycle import (
     ANSWER,
@@ -78,7 +79,7 @@ from jwtproxy.lifecycle import (
     keeps_alive,
     may_retry,
 )
-from jwtproxy.responses import error_response
+from jwtproxy.responses import allowed_response, error_response
 from jwtproxy.routing import BadRequest, normalise_target, split_host, strip_prefix
 from jwtproxy.upstream import UpstreamConnection, UpstreamError
 
@@ -139,6 +140,8 @@ class Exchange:
         "retried",
         "route",
         "request_id",
+        "method",
+        "target",
         "path",
         "query",
         "authority",
@@ -170,6 +173,10 @@ class Exchange:
         self.retried = False
         self.route: RouteRuntime | None = None  # None: not routed (yet, or no route matched)
         self.request_id = b""
+        # The request the decision is about: this one's own method and target on a traffic
+        # listener, the original request it describes on an authz listener (forwardauth).
+        self.method = head.method
+        self.target = head.target
         self.path = ""
         self.query = ""
         self.authority: str | None = None
@@ -284,10 +291,17 @@ class Exchange:
         self.conn.reading.resume("upstream")
 
 class ClientConnection(asyncio.Protocol):
-    """One client socket: codec, pipeline, timer and flow control."""
+    """One client socket: codec, pipeline, timer and flow control.
 
-    def __init__(self, gateway: Gateway) -> None:
+    ``authz``: the socket is an ``[authz]`` listener's. Its requests describe other requests
+    (:mod:`jwtproxy.forwardauth`); they are decided exactly as traffic requests are, and answered
+    ``200`` with the identity headers instead of being forwarded.
+    """
+
+    def __init__(self, gateway: Gateway, authz: bool = False) -> None:
         self.gw = gateway
+        self.authz = authz
+        self.listener = "authz" if authz else "traffic"  # the metrics and access log label
         self.loop = asyncio.get_running_loop()
         config = gateway.config.server
         self.codec = make_codec(config.http_parser, self, config.max_header_bytes)
@@ -296,7 +310,8 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = b"unknown"
         self.proto = b"http"
         self.peer = ""  # the peer's address as text
-        self.trusted_peer = False  # in [server] trusted_proxies: its X-Forwarded-* count
+        # In [server] trusted_proxies, or any peer of an authz listener: its X-Forwarded-* count.
+        self.trusted_peer = authz
         self.peer_cert: str | None = None  # x5t#S256 of the TLS client certificate, if any
         self.current: Exchange | None = None  # the exchange whose response goes out next
         self.receiving: Exchange | None = None  # the exchange whose request bytes are arriving
@@ -319,7 +334,8 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(peer, tuple) and peer:
             self.peer = str(peer[0])
             self.client_ip = self.peer.encode()
-            self.trusted_peer = self.gw.proxies.trusts(self.peer)
+            # An authz listener's peer is the front proxy by construction (contract §5.1).
+            self.trusted_peer = self.authz or self.gw.proxies.trusts(self.peer)
         if transport.get_extra_info("sslcontext") is not None:
             self.proto = b"https"
             # Once per connection: the handshake is over when the protocol sees the connection.
@@ -392,7 +408,7 @@ class ClientConnection(asyncio.Protocol):
         if scanned.content_length is not None and limit and scanned.content_length > limit:
             raise ProtocolError("request body too large", 413)
         ex = Exchange(self, head, scanned, self.loop.time())
-        if head.upgrade and scanned.upgrade == b"websocket" and head.method == b"GET":
+        if head.upgrade and scanned.upgrade == b"websocket" and head.method == b"GET" and not self.authz:
             ex.upgrade = True
             self.codec.tunnel_after_message = True
         self.receiving = ex
@@ -469,29 +485,35 @@ class ClientConnection(asyncio.Protocol):
             self.internal_error(ex)
 
     def _decide(self, ex: Exchange) -> None:
+        """Describe, route and decide ``ex`` (the phases shared by both listener kinds)."""
         gw = self.gw
         scanned = ex.scanned
         ex.request_id = scanned.request_id or gw.next_request_id()
         try:
-            path, query, authority = normalise_target(ex.head.target)
+            forwarded_host = None
+            if self.authz:
+                ex.method, ex.target, forwarded_host = original_request(ex.head, gw.authz_prefix)
+            path, query, authority = normalise_target(ex.target)
+            if authority is None and forwarded_host is not None:
+                authority = forwarded_host.decode("latin-1")  # the original request's own Host
             host_value = authority if authority is not None else (scanned.host or b"").decode("latin-1")
             host = split_host(host_value) if host_value else ""
         except BadRequest as exc:
-            self._answer(ex, 400, exc.description)
+            self._answer(ex, exc.status, exc.description)
             return
         ex.path = path
         ex.query = query
         ex.authority = authority
         if self.trusted_peer:
-            ex.forwarded = gw.proxies.forwarded(self.peer, ex.head.headers)
+            ex.forwarded = gw.proxies.forwarded(self.peer, ex.head.headers, peer_trusted=True)
         route = gw.router.match(host, path)
         if route is None:
             self._answer(ex, 404, "no route")
             return
         runtime = gw.routes[id(route)]
         ex.route = runtime
-        if runtime.auth_off or (runtime.cors_forward and self._is_preflight(ex.head)):
-            self._forward(ex, runtime, ANONYMOUS)
+        if runtime.auth_off or (runtime.cors_forward and self._is_preflight(ex)):
+            self._allowed(ex, runtime, ANONYMOUS)
             return
         try:
             token, source = extract_token(gw.token_sources, ex.head.headers, scanned.authorization, query)
@@ -506,7 +528,7 @@ class ClientConnection(asyncio.Protocol):
         presented = self._presentation(ex, source) if token is not None else BEARER
         decision = gw.auth.authorize(runtime.rules, token, time.time(), presented=presented)
         if isinstance(decision, Allow):
-            self._forward(ex, runtime, decision)
+            self._allowed(ex, runtime, decision)
         elif isinstance(decision, Deny):
             self._deny(ex, decision)
         elif isinstance(decision, CheckReplay):
@@ -531,8 +553,8 @@ class ClientConnection(asyncio.Protocol):
             scheme = fwd.proto or scheme
             authority = fwd.host or authority
         return request_presentation(
-            method=ex.head.method,
-            target=ex.head.target,
+            method=ex.method,
+            target=ex.target,
             scheme=scheme,
             authority=authority,
             dpop_scheme=source is not None and source.name == "authorization" and source.kind == "header"
@@ -567,7 +589,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.reading.resume("buffer")
             if isinstance(decision, Allow):
-                self._forward(ex, runtime, decision)
+                self._allowed(ex, runtime, decision)
             else:
                 self._deny(ex, decision)
         except Exception:
@@ -589,7 +611,7 @@ class ClientConnection(asyncio.Protocol):
             self.reading.resume("buffer")
             decision = self.gw.auth.authorize(runtime.rules, token, time.time(), refetched=True, presented=presented)
             if isinstance(decision, Allow):
-                self._forward(ex, runtime, decision)
+                self._allowed(ex, runtime, decision)
             elif isinstance(decision, Deny):
                 self._deny(ex, decision)
             elif isinstance(decision, CheckReplay):
@@ -600,10 +622,10 @@ class ClientConnection(asyncio.Protocol):
             self.internal_error(ex)
 
     @staticmethod
-    def _is_preflight(head: RequestHead) -> bool:
-        if head.method != b"OPTIONS":
+    def _is_preflight(ex: Exchange) -> bool:
+        if ex.method != b"OPTIONS":
             return False
-        names = {name for name, _ in head.headers}
+        names = {name for name, _ in ex.head.headers}
         return b"origin" in names and b"access-control-request-method" in names
 
     def _deny(self, ex: Exchange, deny: Deny) -> None:
@@ -618,6 +640,22 @@ class ClientConnection(asyncio.Protocol):
             retry_after=deny.retry_after,
             dpop_nonce=deny.dpop_nonce,
         )
+
+    def _allowed(self, ex: Exchange, runtime: RouteRuntime, allow: Allow) -> None:
+        """The request may pass: a traffic listener forwards it, an authz listener says so."""
+        if self.authz:
+            self._answer_allowed(ex, allow)
+        else:
+            self._forward(ex, runtime, allow)
+
+    def _answer_allowed(self, ex: Exchange, allow: Allow) -> None:
+        """An authz listener's yes: ``200``, no body, the identity headers for the front proxy."""
+        ex.auth = allow
+        ex.status = 200
+        ex.state = advance(ex.state, ANSWER)
+        ex.keep_alive = keeps_alive(ex.head.keep_alive, ex.received, False, False, self.last())
+        self.write(allowed_response(ex.request_id, allow.identity_block, not ex.keep_alive))
+        self.complete(ex)
 
     # -- forwarding -----------------------------------------------------------------------------------
     def _forward(self, ex: Exchange, runtime: RouteRuntime, allow: Allow) -> None:
@@ -837,17 +875,18 @@ class ClientConnection(asyncio.Protocol):
         duration = self.loop.time() - ex.started
         runtime = ex.route
         label = runtime.label if runtime is not None else "-"
-        gw.metrics.request(label, ex.status, duration)
+        gw.metrics.request(label, ex.status, duration, self.listener)
         if gw.access_log.enabled:
             auth = ex.auth
             gw.access_log.write(
                 {
                     "request_id": ex.request_id.decode("latin-1"),
-                    "method": ex.head.method.decode("latin-1"),
+                    "listener": self.listener,
+                    "method": ex.method.decode("latin-1"),
                     "path": ex.path or "-",
                     "status": ex.status,
                     "route": label,
-                    "upstream": runtime.pool.name if runtime is not None else None,
+                    "upstream": runtime.pool.name if runtime is not None and not self.authz else None,
                     "duration": round(duration, 6),
                     "sub": auth.sub,
                     "jti": auth.jti,
@@ -868,7 +907,7 @@ class ClientConnection(asyncio.Protocol):
         """
         self.closing = True
         self.reading.pause("error")
-        self.gw.metrics.request("-", status, 0.0)
+        self.gw.metrics.request("-", status, 0.0, self.listener)
         broken = self.receiving
         self.receiving = None
         if broken is not None and broken is not self.current:

@@ -139,13 +139,17 @@ class ProxyTrust:
             self._memo[key] = verdict
         return verdict
 
-    def forwarded(self, peer: str, headers: Iterable[tuple[bytes, bytes]]) -> Forwarded | None:
+    def forwarded(
+        self, peer: str, headers: Iterable[tuple[bytes, bytes]], *, peer_trusted: bool = False
+    ) -> Forwarded | None:
         """The forwarded facts of a request whose connection comes from ``peer``.
 
         None when ``peer`` is not trusted: then no header of the request is believed. ``headers``
-        are the request's (lower-case name, value) pairs in arrival order.
+        are the request's (lower-case name, value) pairs in arrival order. ``peer_trusted``: the
+        peer is a front proxy whatever ``trusted_proxies`` says (an ``[authz]`` listener's peer,
+        contract §5.1); the hops named in ``X-Forwarded-For`` are still judged by the list.
         """
-        if not self.trusts(peer):
+        if not peer_trusted and not self.trusts(peer):
             return None
         xff: list[bytes] = []
         protos: list[bytes] = []

@@ -2,9 +2,10 @@
 
 :class:`Gateway` compiles the config into what the hot path reads (route table, per-route
 runtime, header policy, upstream pools, the verification stage, the assertion signer) and owns
-the listening servers and open connections. It is built by ``jwtproxy.worker.build_worker``,
-which hands it the verifier, the revocation check, the key refetch and the assertion signing key
-it cannot make itself.
+the listening servers (traffic and ``[authz]`` listeners: one connection class, told which kind
+it serves) and open connections. It is built by ``jwtproxy.worker.build_worker``, which hands it
+the verifier, the revocation check, the key refetch and the assertion signing key it cannot make
+itself.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from jwtproxy.connection import ClientConnection
 from jwtproxy.dpop import ProofChecker
 from jwtproxy.dpopreplay import HostReplayGuard, RedisReplayGuard
 from jwtproxy.forwarded import ProxyTrust
+from jwtproxy.forwardauth import prefix_key
 from jwtproxy.headerpolicy import HeaderPolicy
 from jwtproxy.metrics import WorkerMetrics
 from jwtproxy.revocation import IsRevoked
@@ -157,6 +159,8 @@ class Gateway:
                 route, self.pools[route.upstream], frozenset(drop), config.issuers, self.proxies.untrusted_drop
             )
         self.token_sources = config.token.sources
+        #: ``[authz] path_prefix`` as the authz listeners strip it from their own paths.
+        self.authz_prefix = prefix_key(config.authz.path_prefix)
         self.verifier = verifier
         self.cache: TokenCache[CachedToken] = TokenCache(config.token.cache_size)
         self.auth = AuthStage(
@@ -185,9 +189,14 @@ class Gateway:
     def protocol_factory(self) -> ClientConnection:
         return ClientConnection(self)
 
-    async def start(self, sockets: list[socket.socket]) -> None:
-        """Accept connections on ``sockets`` (none for ``jwtproxy verify``: no certificate to load)."""
-        if not sockets:
+    def authz_protocol_factory(self) -> ClientConnection:
+        return ClientConnection(self, authz=True)
+
+    async def start(self, sockets: list[socket.socket], authz_sockets: list[socket.socket] | None = None) -> None:
+        """Accept traffic on ``sockets`` and forward-auth questions on ``authz_sockets`` (none for
+        ``jwtproxy verify``: no certificate to load). TLS, when configured, is on every listener."""
+        authz_sockets = authz_sockets or []
+        if not sockets and not authz_sockets:
             return
         loop = asyncio.get_running_loop()
         server = self.config.server
@@ -196,10 +205,9 @@ class Gateway:
             if server.tls_cert
             else None
         )
-        for sock in sockets:
-            self.servers.append(
-                await loop.create_server(self.protocol_factory, sock=sock, ssl=context, backlog=1024)
-            )
+        for factory, listening in ((self.protocol_factory, sockets), (self.authz_protocol_factory, authz_sockets)):
+            for sock in listening:
+                self.servers.append(await loop.create_server(factory, sock=sock, ssl=context, backlog=1024))
 
     def connection_closed(self) -> None:
         if self._drained is not None and not self.connections:

@@ -1,8 +1,9 @@
-"""Responses the gateway answers itself: JSON errors in the RFC 6750 shape.
+"""Responses the gateway answers itself: JSON errors in the RFC 6750 shape, and an authz
+listener's ``200``.
 
 Every byte of these responses comes from the gateway's own vocabulary (fixed descriptions, the
-configured scope names); nothing a client sent is echoed, so no escaping question arises beyond
-JSON encoding.
+configured scope names) or from verified claims already rendered as identity headers; nothing a
+client sent is echoed, so no escaping question arises beyond JSON encoding.
 """
 
 from __future__ import annotations
@@ -123,3 +124,16 @@ def _error_parts(
         parts += (b"dpop-nonce: ", dpop_nonce.encode("ascii"), b"\r\n")
     tail = [b"connection: close\r\n" if close else b"", b"\r\n", b"" if head_only else body]
     return b"".join(parts), b"".join(tail)
+
+
+# An authz listener's allowed answer around its request id and identity headers. no-store: the
+# identity headers are this token's, never to be replayed from a cache to another request.
+_ALLOWED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ncache-control: no-store\r\nx-request-id: "
+_ALLOWED_KEEP = b"\r\n"
+_ALLOWED_CLOSE = b"connection: close\r\n\r\n"
+
+
+def allowed_response(request_id: bytes, identity_block: bytes, close: bool) -> bytes:
+    """The ``200`` of an authz listener: no body, ``identity_block`` (``name: value\\r\\n`` lines,
+    :attr:`jwtproxy.auth.Allow.identity_block`) for the front proxy to copy upstream."""
+    return b"".join((_ALLOWED_HEAD, request_id, b"\r\n", identity_block, _ALLOWED_CLOSE if close else _ALLOWED_KEEP))

@@ -5,8 +5,9 @@ Theory of operation
 Process model (``jwtproxy serve``)::
 
     supervisor (systemd main PID, stdlib asyncio loop)
-      |- listening sockets, bound here once, inherited by every worker (one shared accept
-      |  queue per address: the kernel hands each connection to exactly one worker)
+      |- listening sockets (traffic, then [authz]), bound here once, inherited by every worker
+      |  (one shared accept queue per address: the kernel hands each connection to exactly one
+      |  worker)
       |- admin listener (aiohttp), revocation store, /metrics aggregation, sd_notify
       '- N workers: os.fork(), then uvloop.run(serve_worker(config, sockets, inheritance))
 
@@ -85,6 +86,16 @@ from .workerlink import WorkerControl, WorkerInheritance
 __all__ = ["Supervisor", "WorkerTarget", "bind_listener"]
 
 _QUEUED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+#: A listening socket's identity: its kind ("traffic" or "authz") and address. Two kinds may both
+#: list "127.0.0.1:0" (each gets a port of its own), so the address alone is not a key.
+ListenKey = tuple[str, ListenAddr]
+
+
+def listen_keys(config: Config) -> list[ListenKey]:
+    """Every listener of ``config``, in the order a worker takes its sockets (traffic, then authz:
+    ``jwtproxy.worker.split_listeners``)."""
+    return [("traffic", a) for a in config.server.listen] + [("authz", a) for a in config.authz.listen]
 _BLOCK_AROUND_FORK = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _MAX_MESSAGE = 1 << 20
 #: The counters behind the status page's per-minute figures.
@@ -202,7 +213,7 @@ class Supervisor:
         self._on_ready = on_ready
 
         self._config: Config | None = None
-        self._sockets: dict[ListenAddr, socket.socket] = {}
+        self._sockets: dict[ListenKey, socket.socket] = {}
         self._workers: dict[int, _Worker] = {}          # by pid
         self._generation = 0
         self._failures: dict[int, int] = {}             # consecutive quick deaths per slot
@@ -251,10 +262,11 @@ class Supervisor:
         # Private (0700) directory where workers leave each issuer's last good JWKS, so a worker
         # started while an IdP is down (reload, restart) begins with the keys its peers had.
         self._keys_dir = tempfile.mkdtemp(prefix="jwtproxy-keys-")
-        addr = None
+        addr: ListenAddr | None = None
         try:
-            for addr in config.server.listen:
-                self._sockets[addr] = bind_listener(addr)
+            for key in listen_keys(config):
+                addr = key[1]
+                self._sockets[key] = bind_listener(addr)
         except OSError as exc:
             # The address, not only errno's text: "Address already in use" alone names no port.
             log_event("bind_failed", level="error", address=str(addr), error=str(exc))
@@ -271,7 +283,8 @@ class Supervisor:
             if not self._bind_admin():
                 return 1
             log_event("starting", pid=os.getpid(), workers=config.server.workers,
-                      listen=[f"{a.host}:{a.port}" for a in config.server.listen])
+                      listen=[str(a) for a in config.server.listen],
+                      authz=[str(a) for a in config.authz.listen])
             self._generation = 1
             for worker_id in range(config.server.workers):
                 self._spawn(worker_id, self._generation, config)
@@ -334,7 +347,7 @@ class Supervisor:
     def _spawn(self, worker_id: int, generation: int, config: Config) -> _Worker:
         loop = self._loop
         assert loop is not None
-        sockets = [self._sockets[a] for a in config.server.listen]
+        sockets = [self._sockets[key] for key in listen_keys(config)]
         assertion_key = self._generated_assertion_key(config)  # before the fork: one key for all
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCK_AROUND_FORK)
@@ -690,11 +703,11 @@ class Supervisor:
             self._reload_failed(f"cannot read configuration: {exc}")
             return
 
-        added: dict[ListenAddr, socket.socket] = {}
+        added: dict[ListenKey, socket.socket] = {}
         try:
-            for addr in new_config.server.listen:
-                if addr not in self._sockets and addr not in added:
-                    added[addr] = bind_listener(addr)
+            for key in listen_keys(new_config):
+                if key not in self._sockets and key not in added:
+                    added[key] = bind_listener(key[1])
         except OSError as exc:
             self._close_sockets(added.values())
             self._reload_failed(f"cannot bind: {exc}")
@@ -720,8 +733,8 @@ class Supervisor:
         if not self._generation_ready(generation, count) or self._stop_event.is_set():
             for w in self._current(generation):
                 self._stop_worker(w, 0.0)
-            for addr, sock in added.items():
-                del self._sockets[addr]
+            for key, sock in added.items():
+                del self._sockets[key]
                 sock.close()
             self._reloading = None
             self._reload_failed("new workers did not become ready"
@@ -737,8 +750,9 @@ class Supervisor:
             self._stop_worker(w, old_config.server.shutdown_timeout)
         # The parent's copies of addresses no longer listed can go now: the old workers hold
         # their own fds until they finish draining.
-        for addr in [a for a in self._sockets if a not in new_config.server.listen]:
-            self._sockets.pop(addr).close()
+        listed = set(listen_keys(new_config))
+        for key in [k for k in self._sockets if k not in listed]:
+            self._sockets.pop(key).close()
         if new_config.admin.listen != old_config.admin.listen:
             log_event("restart_required", level="warning", setting="admin.listen")
         if new_config.revocation != old_config.revocation:

@@ -50,7 +50,7 @@ from jwtproxy.revocation import RevocationStore, open_store
 from jwtproxy.verifier import TokenVerifier
 from jwtproxy.workerlink import WorkerInheritance
 
-__all__ = ["Worker", "build_worker", "serve_worker"]
+__all__ = ["Worker", "build_worker", "serve_worker", "split_listeners"]
 
 #: Seconds between status reports to the supervisor (readiness detail, issuer gauges).
 REPORT_INTERVAL = 2.0
@@ -122,10 +122,11 @@ class Worker:
         """Send :meth:`status` over the inherited control link."""
         self.inheritance.control.report(self.status())
 
-    async def start(self, sockets: list[socket.socket]) -> None:
-        """Open the revocation store, accept on ``sockets``, load every issuer's keys once."""
+    async def start(self, sockets: list[socket.socket], authz_sockets: list[socket.socket] | None = None) -> None:
+        """Open the revocation store, accept on ``sockets`` (traffic) and ``authz_sockets``
+        (``[authz]`` listeners), load every issuer's keys once."""
         await self.store.start()
-        await self.gateway.start(sockets)
+        await self.gateway.start(sockets, authz_sockets)
         await self.keys.start()
 
     async def stop(self, timeout: float) -> None:
@@ -186,8 +187,17 @@ def build_worker(
     )
 
 
+def split_listeners(config: Config, sockets: list[socket.socket]) -> tuple[list[socket.socket], list[socket.socket]]:
+    """The inherited ``sockets`` as (traffic, authz): the supervisor hands them over in the order
+    of ``server.listen`` then ``authz.listen``."""
+    traffic = len(config.server.listen)
+    return sockets[:traffic], sockets[traffic:]
+
+
 async def serve_worker(config: Config, sockets: list[socket.socket], inheritance: WorkerInheritance) -> None:
-    """Run one worker until SIGTERM/SIGINT, then drain for ``shutdown_timeout`` and return."""
+    """Run one worker until SIGTERM/SIGINT, then drain for ``shutdown_timeout`` and return.
+
+    ``sockets``: the traffic listeners' then the authz listeners' (:func:`split_listeners`)."""
     loop = asyncio.get_running_loop()
     worker = build_worker(config, inheritance)
     stop = asyncio.Event()
@@ -196,7 +206,7 @@ async def serve_worker(config: Config, sockets: list[socket.socket], inheritance
     # SIGHUP is the supervisor's; a worker ignores it (the supervisor replaces workers instead).
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
 
-    await worker.start(sockets)
+    await worker.start(*split_listeners(config, sockets))
     flusher = loop.create_task(worker.metrics.flush_periodically(FLUSH_INTERVAL))
     worker.report()
     inheritance.control.ready()

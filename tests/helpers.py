@@ -221,8 +221,9 @@ def base_config(backend_port: int, *, parser: str = "httptools", jwks_file: str 
 
 class RunningGateway:
     """A worker from ``jwtproxy.worker.build_worker`` (as the daemon builds it) serving in this
-    event loop on a free loopback port. Keys come from the issuers' configured sources through
-    the worker's own key manager; revocations live in memory (``worker.store``)."""
+    event loop on a free loopback port (``port``), and on one more per ``[authz] listen`` entry
+    (``authz_ports``, the first also as ``authz_port``). Keys come from the issuers' configured
+    sources through the worker's own key manager; revocations live in memory (``worker.store``)."""
 
     def __init__(self, config_data: dict[str, Any], *, key_log: Callable[[str], None] | None = None,
                  fetch_policy: FetchPolicy | None = None) -> None:
@@ -232,19 +233,33 @@ class RunningGateway:
         self.gateway = self.worker.gateway
         self.keys = self.worker.keys
         self.port = 0
+        self.authz_ports: list[int] = []
+        self.authz_port = 0
+        self._stopped = False
 
     async def start(self) -> RunningGateway:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1024)
-        sock.setblocking(False)
+        sock = _loopback_listener()
         self.port = sock.getsockname()[1]
-        await self.worker.start([sock])
+        authz = [_loopback_listener() for _ in self.config.authz.listen]
+        self.authz_ports = [s.getsockname()[1] for s in authz]
+        self.authz_port = self.authz_ports[0] if authz else 0
+        await self.worker.start([sock], authz)
         return self
 
     async def stop(self) -> None:
-        await self.worker.stop(1.0)
+        """Stop serving (drain, close); a second call does nothing."""
+        if not self._stopped:
+            self._stopped = True
+            await self.worker.stop(1.0)
+
+
+def _loopback_listener() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
 
 
 async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0, until_close: bool = False,
