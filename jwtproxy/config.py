@@ -348,7 +348,10 @@ def parse_config(data: Mapping[str, Any], filename: str, env: Mapping[str, str] 
         p.add("", f"expected a table at the top level, got {_tname(data)}")
         raise ConfigError(p.items)
     root = _Table(p, "", data, _ROOT_KEYS)
-    server = _parse_server(p, root.table("server", _SERVER_KEYS))
+    # An [authz] listener believes a front proxy's certificate header too (contract §5.1).
+    raw_authz = data.get("authz")
+    authz_listening = isinstance(raw_authz, Mapping) and bool(raw_authz.get("listen"))
+    server = _parse_server(p, root.table("server", _SERVER_KEYS), authz_listening)
     admin = _parse_admin(p, root.table("admin", _ADMIN_KEYS), server)
     authz = _parse_authz(p, root.table("authz", _AUTHZ_KEYS), server, admin)
     token = _parse_token(p, root.table("token", _TOKEN_KEYS))
@@ -775,7 +778,7 @@ def _client_ca_problem(cafile: str) -> str | None:
     return None
 
 
-def _parse_server(p: _Problems, t: _Table | None) -> ServerConfig | None:
+def _parse_server(p: _Problems, t: _Table | None, authz_listening: bool = False) -> ServerConfig | None:
     if t is None:
         return None
     n = len(p.items)
@@ -838,7 +841,7 @@ def _parse_server(p: _Problems, t: _Table | None) -> ServerConfig | None:
             t.fail("client_cert_header", f"'{client_cert_header}' is not a valid header name")
         elif client_cert_header in RESERVED_IDENTITY_HEADERS or client_cert_header == "dpop":
             t.fail("client_cert_header", f"'{client_cert_header}' is a header the gateway manages itself")
-        elif not trusted_proxies and t.ok("trusted_proxies"):
+        elif not trusted_proxies and t.ok("trusted_proxies") and not authz_listening:
             t.fail("client_cert_header", "is only believed from trusted_proxies, which is empty")
     max_header_bytes = t.integer("max_header_bytes", d.max_header_bytes, minimum=1)
     max_body_bytes = t.integer("max_body_bytes", d.max_body_bytes)

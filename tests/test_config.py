@@ -442,6 +442,16 @@ def test_authz_is_off_by_default_and_takes_its_own_addresses() -> None:
     assert cfg.authz == AuthzConfig(listen=(ListenAddr("127.0.0.1", 8090), ListenAddr("::1", 8091)), path_prefix="/authz")
 
 
+def test_client_cert_header_without_trusted_proxies_serves_an_authz_listener() -> None:
+    # Believed from an authz listener's peer (the front proxy), so not pointless without trusted_proxies.
+    cfg = parse(with_(lambda d: d.update(server={"client_cert_header": "X-Client-Cert"},
+                                         authz={"listen": ["127.0.0.1:8090"]})))
+    assert cfg.server.client_cert_header == "x-client-cert"
+    assert problems(with_(lambda d: d.update(server={"client_cert_header": "X-Client-Cert"}))) == [
+        f"{F}: server.client_cert_header: is only believed from trusted_proxies, which is empty"
+    ]
+
+
 def test_authz_and_traffic_may_both_ask_for_port_zero() -> None:
     cfg = parse(with_(lambda d: d.update(server={"listen": ["127.0.0.1:0"]}, authz={"listen": ["127.0.0.1:0"]})))
     assert cfg.authz.listen == (ListenAddr("127.0.0.1", 0),)

@@ -394,3 +394,74 @@ async def test_a_request_with_a_body_is_answered(gw: RunningGateway, rsa_key: Si
     )
     status, _, body = await authz(gw, wire)
     assert status == 200 and body == b""
+
+
+# -- sender-constrained tokens (contract §5.2) through the authz listener -------------------------
+
+
+async def test_dpop_proof_is_checked_against_the_original_request(gw: RunningGateway, ec_key: SigningKey) -> None:
+    from dpop_client import DPoPClient
+
+    client = DPoPClient("ES256")
+    token = ec_key.token(cnf={"jkt": client.jkt}, sub="dora")
+    public = "https://api.example/orders/9"
+
+    def wire(proof: str, method: str = "POST") -> bytes:
+        # nginx's shape: the original method and URI, and the host and scheme the client used.
+        return (
+            "GET /_authz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: DPoP {token}\r\nDPoP: {proof}\r\n"
+            f"X-Original-Method: {method}\r\nX-Original-URI: /orders/9?page=2\r\n"
+            "X-Forwarded-Host: api.example\r\nX-Forwarded-Proto: https\r\n\r\n"
+        ).encode()
+
+    proof = client.proof("POST", public, token)
+    status, headers, body = await authz(gw, wire(proof))
+    assert status == 200 and headers["x-user-id"] == "dora", body
+    # The same proof again: single use, as on a traffic listener.
+    status, headers, body = await authz(gw, wire(proof))
+    assert status == 401 and json.loads(body)["error"] == "invalid_dpop_proof"
+    assert headers["www-authenticate"].startswith("DPoP ")
+    # htm is the original method, not the authz request's own GET.
+    status, _, body = await authz(gw, wire(client.proof("GET", public, token)))
+    assert status == 401 and "htm" in json.loads(body)["error_description"]
+    # htu is built from X-Forwarded-Proto/Host and the original path, which the listener believes
+    # without any trusted_proxies: a proof for the authz listener's own URL does not pass.
+    status, _, body = await authz(gw, wire(client.proof("POST", "http://127.0.0.1/_authz", token)))
+    assert status == 401 and "htu" in json.loads(body)["error_description"]
+    # Presented as a plain bearer token, the bound token is refused.
+    status, _, _ = await authz(gw, ask(token=token, x_original_uri="/orders/9"))
+    assert status == 401
+
+
+async def test_certificate_bound_token_with_the_front_proxys_certificate_header(
+    make_gateway: Any, ec_key: SigningKey
+) -> None:
+    import ssl
+    from urllib.parse import quote
+
+    import trustme
+
+    from jwtproxy.mtls import certificate_thumbprint
+
+    ca = trustme.CA()
+    cert, other = ca.issue_cert("client@example.com"), ca.issue_cert("other@example.com")
+    pem = cert.cert_chain_pems[0].bytes().decode()
+    token = ec_key.token(cnf={"x5t#S256": certificate_thumbprint(ssl.PEM_cert_to_DER_cert(pem))})
+    gw = await make_gateway(routes=ROUTES, extra=AUTHZ, server={"client_cert_header": "x-client-cert"})
+    status, _, body = await authz(gw, ask(token=token, x_original_uri="/orders", x_client_cert=quote(pem, safe="")))
+    assert status == 200, body
+    wrong = quote(other.cert_chain_pems[0].bytes().decode(), safe="")
+    assert (await authz(gw, ask(token=token, x_original_uri="/orders", x_client_cert=wrong)))[0] == 401
+    assert (await authz(gw, ask(token=token, x_original_uri="/orders")))[0] == 401
+
+
+async def test_the_client_address_is_the_front_proxys_word(make_gateway: Any, capsys: Any) -> None:
+    gw = await make_gateway(routes=ROUTES, extra=AUTHZ, server={"access_log": True})
+    capsys.readouterr()
+    # The rightmost X-Forwarded-For entry is what the front proxy saw; entries left of it are
+    # the client's own claims (trusted_proxies, empty here, would let the walk go further).
+    await authz(gw, ask(x_original_uri="/open", x_forwarded_for="198.51.100.1, 203.0.113.9"))
+    line = [json.loads(x) for x in capsys.readouterr().err.splitlines() if '"listener":"authz"' in x][-1]
+    assert line["client"] == "203.0.113.9"
+    assert line["upstream"] is None and line["method"] == "GET" and line["path"] == "/open"
