@@ -25,11 +25,13 @@ from typing import Any, AsyncIterator
 import pytest
 from aiohttp import web
 
-from conftest import CODECS
 from daemon_harness import Daemon, http
 from helpers import AUDIENCE, ISSUER, AppServer, Backend, SigningKey, free_port
 
 pytestmark = pytest.mark.slow
+
+#: Both HTTP codecs, where a test sends traffic through the gateway (as tests/conftest.py has it).
+CODECS = ["httptools", "h11"]
 
 try:
     from playwright.async_api import Browser, BrowserContext, Page, async_playwright
