@@ -504,8 +504,6 @@ class ClientConnection(asyncio.Protocol):
         ex.path = path
         ex.query = query
         ex.authority = authority
-        if self.trusted_peer:
-            ex.forwarded = gw.proxies.forwarded(self.peer, ex.head.headers, peer_trusted=True)
         route = gw.router.match(host, path)
         if route is None:
             self._answer(ex, 404, "no route")
@@ -543,7 +541,13 @@ class ClientConnection(asyncio.Protocol):
     def _presentation(self, ex: Exchange, source: TokenSource | None) -> Presentation:
         """What this request offers as proof of possession (contract §5.2)."""
         scanned = ex.scanned
-        fwd = ex.forwarded
+        dpop_scheme = (
+            source is not None and source.name == "authorization" and source.kind == "header"
+            and uses_dpop_scheme(scanned.authorization)
+        )
+        if not dpop_scheme and not scanned.dpop and self.peer_cert is None and self.gw.proxies.cert_header is None:
+            return BEARER  # no proof, and no certificate anywhere: nothing else to look at
+        fwd = self.forwarded(ex)
         cert = self.peer_cert
         if fwd is not None and fwd.client_cert is not None:
             cert = header_thumbprint(fwd.client_cert)  # the client's, vouched for by the proxy
@@ -557,11 +561,18 @@ class ClientConnection(asyncio.Protocol):
             target=ex.target,
             scheme=scheme,
             authority=authority,
-            dpop_scheme=source is not None and source.name == "authorization" and source.kind == "header"
-            and uses_dpop_scheme(scanned.authorization),
+            dpop_scheme=dpop_scheme,
             proofs=scanned.dpop,
             cert=cert,
         )
+
+    def forwarded(self, ex: Exchange) -> Forwarded | None:
+        """What the front proxy said about ``ex`` (None: the peer is not one), read on first use:
+        parsing its addresses costs microseconds that a request needing none of it (a cached
+        bearer token on an authz listener) does not pay."""
+        if ex.forwarded is None and self.trusted_peer:
+            ex.forwarded = self.gw.proxies.forwarded(self.peer, ex.head.headers, peer_trusted=True)
+        return ex.forwarded
 
     def _begin_queued(self, ex: Exchange) -> None:
         if not self.closed and self.current is ex and ex.state == WAITING:
@@ -698,7 +709,7 @@ class ClientConnection(asyncio.Protocol):
         path = strip_prefix(runtime.route, ex.path) if runtime.strip_prefix else ex.path
         target = (path + ex.query).encode("latin-1")
         client_host = (ex.authority.encode("latin-1") if ex.authority is not None else scanned.host) or b""
-        fwd = ex.forwarded
+        fwd = self.forwarded(ex)
         proto = self.proto
         forwarded_host = client_host
         if fwd is not None:  # a trusted proxy's view of the client is what the upstream hears
@@ -878,6 +889,7 @@ class ClientConnection(asyncio.Protocol):
         gw.metrics.request(label, ex.status, duration, self.listener)
         if gw.access_log.enabled:
             auth = ex.auth
+            fwd = self.forwarded(ex)
             gw.access_log.write(
                 {
                     "request_id": ex.request_id.decode("latin-1"),
@@ -893,7 +905,7 @@ class ClientConnection(asyncio.Protocol):
                     "auth": ex.deny_reason or ("ok" if auth.sub else "anonymous"),
                     "bytes_in": ex.body_bytes,
                     "bytes_out": ex.bytes_out,
-                    "client": ex.forwarded.client if ex.forwarded is not None else self.peer or "unknown",
+                    "client": fwd.client if fwd is not None else self.peer or "unknown",
                 }
             )
 
