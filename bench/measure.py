@@ -38,7 +38,9 @@ class Scenario:
 
 _AUTH_PEERS = ("nginx", "envoy", "node", "jwtproxy-httptools", "jwtproxy-h11")
 SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
-    Scenario("a", "one valid RS256 token reused (cache-hit path)", "/", "one-rs256", 200, _AUTH_PEERS),
+    # nginx-authz: forward-auth, nginx auth_request asking jwtproxy's [authz] listener (contract §5.1).
+    Scenario("a", "one valid RS256 token reused (cache-hit path)", "/", "one-rs256", 200,
+             (*_AUTH_PEERS, "nginx-authz")),
     Scenario("b", "distinct valid RS256 tokens in rotation (every request verified)", "/", "rs256", 200,
              _AUTH_PEERS),
     Scenario("c", "distinct valid ES256 tokens in rotation (every request verified)", "/", "es256", 200,

@@ -35,12 +35,16 @@ PORT_OFFSETS = {
     "jwtproxy-httptools": 4,
     "jwtproxy-h11": 5,
     "jwtproxy-assertion": 6,
+    "nginx-authz": 7,            # the front nginx of the forward-auth row ...
+    "nginx-authz-jwtproxy": 8,   # ... its jwtproxy's traffic listener (unused, but required) ...
+    "nginx-authz-authz": 9,      # ... and the [authz] listener nginx asks
     "nginx": 10,          # the upstream itself: the ceiling row sends load straight to it
     "envoy-admin": 11,
     "envoy-nojwt-admin": 12,
     "jwtproxy-httptools-admin": 13,
     "jwtproxy-h11-admin": 14,
     "jwtproxy-assertion-admin": 15,
+    "nginx-authz-jwtproxy-admin": 16,
 }
 
 
@@ -131,6 +135,14 @@ class Peer:
     def start(self, env: BenchEnv) -> Proc | None:
         """Start the peer (pinned to the proxy core) and wait until it answers; None if nothing to start."""
         raise NotImplementedError
+
+    def processes(self, proc: Proc) -> list[Proc]:
+        """Every process of a started peer (its RSS is their sum; all must stay alive)."""
+        return [proc]
+
+    def stop(self, env: BenchEnv, proc: Proc) -> None:
+        """Stop what :meth:`start` started."""
+        env.procs.stop(proc)
 
     # Seconds a peer may take to publish its counters (jwtproxy's metrics flush about every 1 s).
     stats_delay = 0.0
@@ -268,11 +280,12 @@ class Jwtproxy(Peer):
 
     stats_delay = 1.2
 
-    def __init__(self, parser: str, assertion: bool = False) -> None:
+    def __init__(self, parser: str, assertion: bool = False, *, key: str = "", authz_port_key: str = "") -> None:
         self.parser = parser
         self.assertion = assertion
-        self.key = "jwtproxy-assertion" if assertion else f"jwtproxy-{parser}"
+        self.key = key or ("jwtproxy-assertion" if assertion else f"jwtproxy-{parser}")
         self.label = f"jwtproxy ({parser}) + signed assertions" if assertion else f"jwtproxy ({parser})"
+        self.authz_port_key = authz_port_key  # set: also an [authz] listener on that port
 
     def missing(self) -> str | None:
         return None
@@ -298,6 +311,8 @@ class Jwtproxy(Peer):
             "WORK": str(env.rundir.resolve()),
             # A generated ES256 key (no key_files): what a first deployment runs.
             "ASSERTION": "[assertion]\nenabled = true\n" if self.assertion else "",
+            "AUTHZ": (f'[authz]\nlisten = ["127.0.0.1:{env.ports[self.authz_port_key]}"]\n'
+                      if self.authz_port_key else ""),
         })
 
     def cache_counts(self, env: BenchEnv) -> tuple[int, int] | None:
@@ -327,9 +342,95 @@ class Jwtproxy(Peer):
         return proc
 
 
+class NginxAuthz(Peer):
+    """Forward-auth: nginx with ``auth_request`` asking jwtproxy's ``[authz]`` listener (httptools)
+    on every request, then proxying to the upstream. nginx runs the recipe of
+    docs/forward-auth.md as written there (only the ports change); both processes share the proxy
+    core, as one gateway."""
+
+    key = "nginx-authz"
+    label = "nginx auth_request + jwtproxy authz"
+    stats_delay = 1.2
+
+    def __init__(self) -> None:
+        self.authorizer = Jwtproxy("httptools", key="nginx-authz-jwtproxy", authz_port_key="nginx-authz-authz")
+        self.started: dict[int, Proc] = {}  # front nginx pid -> its jwtproxy
+
+    def missing(self) -> str | None:
+        if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+            return "nginx not installed (apt-get install nginx)"
+        return None
+
+    def version(self) -> str:
+        nginx = _first_line([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]).replace("nginx version: ", "")
+        return f"{nginx} + {self.authorizer.version()}"
+
+    def cache_counts(self, env: BenchEnv) -> tuple[int, int] | None:
+        return self.authorizer.cache_counts(env)
+
+    def config(self, env: BenchEnv) -> Path:
+        recipe = _recipe(env.repo / "docs" / "forward-auth.md", "nginx")
+        blocks = (recipe.replace("127.0.0.1:8090", f"127.0.0.1:{env.ports['nginx-authz-authz']}")
+                  .replace("127.0.0.1:9001", f"127.0.0.1:{env.upstream_port}")
+                  .replace("listen 80;", f"listen 127.0.0.1:{self.port(env)} reuseport backlog=4096;"))
+        temp = (env.rundir / "nginx-authz-tmp").resolve()
+        temp.mkdir(parents=True, exist_ok=True)
+        work = env.rundir.resolve()
+        temps = "\n".join(f"    {kind}_temp_path {temp};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        out = env.rundir / "nginx-authz.conf"
+        # The main context of bench/templates/nginx.conf: one process, no access log, client
+        # keep-alive for the whole run.
+        out.write_text(
+            f"daemon off;\nmaster_process off;\nworker_processes 1;\npid {work}/nginx-authz.pid;\n"
+            f"error_log {work}/nginx-authz-error.log warn;\n"
+            "events {\n    worker_connections 4096;\n    multi_accept on;\n}\n"
+            "http {\n    access_log off;\n    server_tokens off;\n    tcp_nodelay on;\n"
+            "    keepalive_requests 100000000;\n    keepalive_timeout 300s;\n"
+            f"{temps}\n{blocks}\n}}\n"
+        )
+        return out
+
+    def start(self, env: BenchEnv) -> Proc:
+        authorizer = self.authorizer.start(env)
+        try:
+            nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+            conf = self.config(env).resolve()
+            proc = env.procs.spawn(self.key, [nginx, "-c", str(conf), "-p", str(env.rundir.resolve()),
+                                              "-e", str((env.rundir / "nginx-authz-error.log").resolve())],
+                                   env.proxy_cpu)
+            self.started[proc.pid] = authorizer
+            wait_port(proc, self.port(env), 15, self.ready_probe(self.port(env)))
+        except BaseException:
+            env.procs.stop(authorizer)
+            raise
+        return proc
+
+    def processes(self, proc: Proc) -> list[Proc]:
+        authorizer = self.started.get(proc.pid)
+        return [proc] if authorizer is None else [proc, authorizer]
+
+    def stop(self, env: BenchEnv, proc: Proc) -> None:
+        env.procs.stop(proc)
+        authorizer = self.started.pop(proc.pid, None)
+        if authorizer is not None:
+            env.procs.stop(authorizer)
+
+
+def _recipe(page: Path, name: str) -> str:
+    """The code block after ``<!-- recipe: NAME -->`` in a docs page."""
+    text = page.read_text()
+    marker = f"<!-- recipe: {name} -->"
+    if marker not in text:
+        raise RuntimeError(f"{page} has no {marker}")
+    block = text.split(marker, 1)[1].split("```", 2)
+    if len(block) < 3:
+        raise RuntimeError(f"{page}: no code block after {marker}")
+    return block[1].split("\n", 1)[1]  # drop the fence's language tag
+
+
 ALL_PEERS: dict[str, Peer] = {p.key: p for p in (
     Ceiling(), Envoy(jwt=True), Envoy(jwt=False), NodeGateway(),
-    Jwtproxy("httptools"), Jwtproxy("h11"), Jwtproxy("httptools", assertion=True),
+    Jwtproxy("httptools"), Jwtproxy("h11"), Jwtproxy("httptools", assertion=True), NginxAuthz(),
 )}
 
 

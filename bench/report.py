@@ -134,6 +134,7 @@ def targets_table(results: Mapping[str, Mapping[str, Row]]) -> list[str]:
 COLOURS = {
     "nginx": "#9e9e9e", "envoy": "#d62728", "envoy-nojwt": "#ff9896", "node": "#2ca02c",
     "jwtproxy-httptools": "#1f77b4", "jwtproxy-h11": "#aec7e8", "jwtproxy-assertion": "#9467bd",
+    "nginx-authz": "#ff7f0e",
 }
 
 

@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--proxy-cpu", type=int, default=0, help="core for the proxy under test")
     ap.add_argument("--load-cpu", type=int, default=1, help="core for wrk and the upstream")
     ap.add_argument("--port-base", type=int, default=DEFAULT_PORT_BASE,
-                    help=f"ports used: base+1..base+14 (default {DEFAULT_PORT_BASE})")
+                    help=f"ports used: base+1..base+16 (default {DEFAULT_PORT_BASE})")
     ap.add_argument("--upstream", choices=("auto", "nginx", "python"), default="auto",
                     help="origin server: nginx (needed for full runs) or bench/upstream.py")
     ap.add_argument("--no-setup", action="store_true",
@@ -208,16 +208,17 @@ def measure_one(peer: Peer, scen_key: str, env: BenchEnv, args: argparse.Namespa
             if hits + misses > 0:
                 sample.cache_hit_ratio = hits / (hits + misses)
         if proc is not None:
-            if not proc.alive():
-                log(f"{peer.key} exited during the run; its log ends with:\n{proc.log_tail()}")
-                return None, f"exited during the run (status {proc.popen.returncode}, log: {proc.log_path})"
-            sample.rss_mib = rss_bytes(proc.pid) / 2**20
+            for part in peer.processes(proc):
+                if not part.alive():
+                    log(f"{part.name} exited during the run; its log ends with:\n{part.log_tail()}")
+                    return None, f"exited during the run (status {part.popen.returncode}, log: {part.log_path})"
+            sample.rss_mib = sum(rss_bytes(part.pid) for part in peer.processes(proc)) / 2**20
         return sample, ""
     except WrkError as exc:
         return None, f"wrk: {str(exc).splitlines()[0]}"
     finally:
         if proc is not None:
-            env.procs.stop(proc)
+            peer.stop(env, proc)
 
 
 def run_all(env: BenchEnv, args: argparse.Namespace, files: dict[str, Path]) -> dict[str, dict[str, Row]]:
