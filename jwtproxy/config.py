@@ -36,6 +36,7 @@ invariants without checking again:
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import ipaddress
 import math
 import os
@@ -65,6 +66,7 @@ __all__ = [
     "KNOWN_ALGORITHMS",
     "ListenAddr",
     "RevocationConfig",
+    "TracingConfig",
     "RouteConfig",
     "ServerConfig",
     "Target",
@@ -274,6 +276,15 @@ class RevocationConfig:
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
 
 
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """``[tracing]``: OpenTelemetry spans over OTLP/HTTP; ``otlp_endpoint = ""`` is off."""
+
+    otlp_endpoint: str = ""  # the full traces URL, e.g. http://127.0.0.1:4318/v1/traces
+    sample_ratio: float = 1.0  # for traces that start here; an incoming traceparent decides its own
+    service_name: str = "jwtproxy"
+
+
 def _no_upstreams() -> Mapping[str, UpstreamConfig]:
     return types.MappingProxyType({})
 
@@ -295,6 +306,7 @@ class Config:
     revocation: RevocationConfig = RevocationConfig()
     assertion: AssertionConfig = AssertionConfig()
     authz: AuthzConfig = AuthzConfig()
+    tracing: TracingConfig = TracingConfig()
 
 
 class ConfigError(Exception):
@@ -368,13 +380,14 @@ def parse_config(data: Mapping[str, Any], filename: str, env: Mapping[str, str] 
     claims_to_headers = _parse_claims_to_headers(p, root, token)
     revocation = _parse_revocation(p, root.table("revocation", _REVOCATION_KEYS))
     assertion = _parse_assertion(p, root.table("assertion", _ASSERTION_KEYS), token, claims_to_headers)
+    tracing = _parse_tracing(p, root.table("tracing", _TRACING_KEYS))
     if p.items:
         raise ConfigError(p.items)
     # No problems means every part parsed; the checks below only narrow the types for mypy.
     if (
         server is None or admin is None or token is None or issuers is None or upstreams is None
         or routes is None or claims_to_headers is None or revocation is None or assertion is None
-        or authz is None
+        or authz is None or tracing is None
     ):  # pragma: no cover - guarded by the problem list above
         raise ConfigError([f"{filename}: internal error: incomplete configuration"])
     return Config(
@@ -389,6 +402,7 @@ def parse_config(data: Mapping[str, Any], filename: str, env: Mapping[str, str] 
         revocation=revocation,
         assertion=assertion,
         authz=authz,
+        tracing=tracing,
     )
 
 
@@ -628,7 +642,7 @@ _PORT = re.compile(r"[0-9]{1,5}")
 
 _ROOT_KEYS = (
     "server", "admin", "token", "issuer", "route", "upstream", "claims_to_headers", "revocation", "assertion",
-    "authz",
+    "authz", "tracing",
 )  # fmt: skip
 _SERVER_KEYS = (
     "listen", "workers", "http_parser", "tls_cert", "tls_key", "max_header_bytes", "max_body_bytes",
@@ -653,6 +667,7 @@ _UPSTREAM_KEYS = (
 )  # fmt: skip
 _REVOCATION_KEYS = ("backend", "sqlite_path", "redis_url")
 _ASSERTION_KEYS = ("enabled", "header", "issuer", "algorithm", "key_files", "lifetime", "claims")
+_TRACING_KEYS = ("otlp_endpoint", "sample_ratio", "service_name")
 
 _D_SERVER = ServerConfig()
 _D_ADMIN = AdminConfig()
@@ -1456,3 +1471,40 @@ def _parse_revocation(p: _Problems, t: _Table | None) -> RevocationConfig | None
     if len(p.items) != n:
         return None
     return RevocationConfig(backend=backend, sqlite_path=sqlite_path, redis_url=redis_url)
+
+
+def _parse_tracing(p: _Problems, t: _Table | None) -> TracingConfig | None:
+    if t is None:
+        return None
+    n = len(p.items)
+    d = TracingConfig()
+    endpoint = t.string("otlp_endpoint", d.otlp_endpoint)
+    service_name = t.string("service_name", d.service_name)
+    ratio = d.sample_ratio
+    raw = t.data.get("sample_ratio", ratio)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        t.bad_type("sample_ratio", "a number from 0 to 1")
+    elif not 0.0 <= raw <= 1.0:  # also refuses nan
+        t.fail("sample_ratio", f"must be from 0 to 1, got {raw}")
+    else:
+        ratio = float(raw)
+    if t.ok("service_name") and not service_name.strip():
+        t.fail("service_name", "must not be empty")
+    if t.ok("otlp_endpoint") and endpoint:
+        problem = _check_http_url(endpoint)
+        if problem is not None:
+            t.fail("otlp_endpoint", f"{problem} (the full traces URL, e.g. http://127.0.0.1:4318/v1/traces)")
+        elif not _tracing_sdk_installed():
+            t.fail("otlp_endpoint", "tracing needs the OpenTelemetry SDK: pip install 'jwtproxy[tracing]'")
+    if len(p.items) != n:
+        return None
+    return TracingConfig(otlp_endpoint=endpoint, sample_ratio=ratio, service_name=service_name)
+
+
+def _tracing_sdk_installed() -> bool:
+    """Whether the ``jwtproxy[tracing]`` extra (SDK and OTLP/HTTP exporter) is importable."""
+    try:
+        return (importlib.util.find_spec("opentelemetry.sdk.trace") is not None
+                and importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http.trace_exporter") is not None)
+    except ModuleNotFoundError:
+        return False

@@ -53,7 +53,7 @@ from jwtproxy.auth import (
     uses_dpop_scheme,
 )
 from jwtproxy.binding import BEARER, Presentation, request_presentation
-from jwtproxy.config import TokenSource
+from jwtproxy.config import RouteConfig, TokenSource
 from jwtproxy.dpopreplay import ReplayCheckUnavailable
 from jwtproxy.forwarded import Forwarded
 from jwtproxy.mtls import header_thumbprint, peer_thumbprint
@@ -81,10 +81,12 @@ from jwtproxy.lifecycle import (
 )
 from jwtproxy.responses import allowed_response, error_response
 from jwtproxy.routing import BadRequest, normalise_target, split_host, strip_prefix
+from jwtproxy.tracing import TRACE_HEADERS
 from jwtproxy.upstream import UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
     from jwtproxy.gateway import Gateway, RouteRuntime
+    from jwtproxy.tracing import RequestTrace
 
 log = logging.getLogger("jwtproxy")
 
@@ -158,6 +160,7 @@ class Exchange:
         "out",
         "body_mode",
         "tunnel_buffer",
+        "trace",
     )
 
     def __init__(self, conn: ClientConnection, head: RequestHead, scanned: ScannedHead, started: float) -> None:
@@ -193,6 +196,7 @@ class Exchange:
         self.out: list[bytes] = []
         self.body_mode = BODY_NONE
         self.tunnel_buffer: list[bytes] = []
+        self.trace: RequestTrace | None = None  # only with [tracing] on
 
     # -- ResponseSink (called by the UpstreamConnection) ----------------------------------------
     def on_response_head(
@@ -268,6 +272,8 @@ class Exchange:
             self.out.append(b"0\r\n\r\n")
         self.on_response_flushed()
         self.upstream = None
+        if self.trace is not None:
+            self.trace.upstream_end(self.status)
         self.state = advance(self.state, FINISH)
         self.conn.complete(self)
 
@@ -505,6 +511,8 @@ class ClientConnection(asyncio.Protocol):
         ex.query = query
         ex.authority = authority
         route = gw.router.match(host, path)
+        if gw.tracer is not None:
+            self._start_trace(ex, host_value, route)
         if route is None:
             self._answer(ex, 404, "no route")
             return
@@ -524,7 +532,10 @@ class ClientConnection(asyncio.Protocol):
             self._answer(ex, 400, "more than one token in the request")
             return
         presented = self._presentation(ex, source) if token is not None else BEARER
-        decision = gw.auth.authorize(runtime.rules, token, time.time(), presented=presented)
+        if ex.trace is None:
+            decision = gw.auth.authorize(runtime.rules, token, time.time(), presented=presented)
+        else:
+            decision = ex.trace.verify(gw.auth.authorize, runtime.rules, token, time.time(), presented=presented)
         if isinstance(decision, Allow):
             self._allowed(ex, runtime, decision)
         elif isinstance(decision, Deny):
@@ -537,6 +548,19 @@ class ClientConnection(asyncio.Protocol):
             ex.state = advance(ex.state, DEFER)
             self.reading.pause("buffer")
             ex.task = self.loop.create_task(self._after_refetch(ex, runtime, decision, token, presented))
+
+    def _start_trace(self, ex: Exchange, host: str, route: RouteConfig | None) -> None:
+        """[tracing] is on: the request's SERVER span (see jwtproxy.tracing)."""
+        tracer = self.gw.tracer
+        assert tracer is not None
+        fwd = ex.forwarded
+        trace = ex.trace = tracer.request(
+            ex.head.method, ex.head.version, ex.head.headers, path=ex.path, scheme=self.proto, host=host,
+            client=fwd.client if fwd is not None else self.peer, request_id=ex.request_id,
+            age=self.loop.time() - ex.started,
+        )
+        if route is not None:
+            trace.routed(ex.head.method, route.path_prefix, route.upstream)
 
     def _presentation(self, ex: Exchange, source: TokenSource | None) -> Presentation:
         """What this request offers as proof of possession (contract §5.2)."""
@@ -620,7 +644,12 @@ class ClientConnection(asyncio.Protocol):
             return
         try:
             self.reading.resume("buffer")
-            decision = self.gw.auth.authorize(runtime.rules, token, time.time(), refetched=True, presented=presented)
+            authorize = self.gw.auth.authorize
+            if ex.trace is None:
+                decision = authorize(runtime.rules, token, time.time(), refetched=True, presented=presented)
+            else:
+                decision = ex.trace.verify(
+                    authorize, runtime.rules, token, time.time(), refetched=True, presented=presented)
             if isinstance(decision, Allow):
                 self._allowed(ex, runtime, decision)
             elif isinstance(decision, Deny):
@@ -671,6 +700,8 @@ class ClientConnection(asyncio.Protocol):
     # -- forwarding -----------------------------------------------------------------------------------
     def _forward(self, ex: Exchange, runtime: RouteRuntime, allow: Allow) -> None:
         ex.auth = allow
+        if ex.trace is not None:
+            ex.trace.upstream_start(ex.head.method)
         if ex.upgrade and not self.codec.tunnel_after_message:
             ex.upgrade = False
         conn = runtime.pool.take_idle()
@@ -685,6 +716,8 @@ class ClientConnection(asyncio.Protocol):
             conn = await runtime.pool.connect()
         except UpstreamError as error:
             ex.task = None
+            if ex.trace is not None:
+                ex.trace.upstream_end(None, error.kind)
             if not self.closed:
                 self.gw.metrics.upstream_error(runtime.pool.name, error.kind)
                 self._answer(ex, error.status, error.description)
@@ -732,6 +765,13 @@ class ClientConnection(asyncio.Protocol):
             # Contract §5.4: every request forwarded with a verified token; reused per
             # (token, upstream), so a cache-hit request costs a dict lookup here, not a signature.
             assertion = signer.assertion(allow.token_key, runtime.pool.name, allow.claims, allow.exp, time.time())
+        identity = ex.auth.identity
+        drop = runtime.drop_names if self.trusted_peer else runtime.drop_untrusted
+        if ex.trace is not None:
+            # The client's trace headers give way to ours, naming the upstream exchange's span.
+            upstream = runtime.pool.targets[conn.target_index]
+            identity = identity + ex.trace.upstream_headers(upstream.scheme, upstream.host, upstream.port, path)
+            drop = drop | TRACE_HEADERS
         upstream_head = gw.policy.upstream_head(
             head.method,
             target,
@@ -742,9 +782,9 @@ class ClientConnection(asyncio.Protocol):
             client_ip=self.client_ip,
             proto=proto,
             request_id=ex.request_id,
-            identity=allow.identity,
+            identity=identity,
             forward_authorization=runtime.forward_token or runtime.auth_off,
-            drop_names=runtime.drop_names if self.trusted_peer else runtime.drop_untrusted,
+            drop_names=drop,
             framing=framing,
             upgrade=b"websocket" if ex.upgrade else None,
             assertion=assertion,
@@ -778,7 +818,11 @@ class ClientConnection(asyncio.Protocol):
         runtime = ex.route
         if self.closed or ex.state == DONE or runtime is None:
             return  # dropped with its connection, or answered already (only routed ones are forwarded)
+        if ex.trace is not None:
+            ex.trace.upstream_end(None, error.kind)
         if may_retry(retryable, ex.retried, ex.expects_body, ex.head.method):
+            if ex.trace is not None:
+                ex.trace.upstream_start(ex.head.method)
             ex.retried = True
             ex.state = advance(ex.state, CONNECT)
             ex.task = self.loop.create_task(self._connect(ex, runtime))
@@ -887,6 +931,8 @@ class ClientConnection(asyncio.Protocol):
         runtime = ex.route
         label = runtime.label if runtime is not None else "-"
         gw.metrics.request(label, ex.status, duration, self.listener)
+        if ex.trace is not None:
+            ex.trace.finish(ex.status, ex.deny_reason)
         if gw.access_log.enabled:
             auth = ex.auth
             fwd = self.forwarded(ex)

@@ -16,7 +16,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jwtproxy.accesslog import AccessLog
 from jwtproxy.assertion import AssertionKey, AssertionSigner
@@ -34,6 +34,9 @@ from jwtproxy.routing import Router
 from jwtproxy.tokencache import TokenCache
 from jwtproxy.upstream import UpstreamPool
 from jwtproxy.verifier import TokenVerifier
+
+if TYPE_CHECKING:  # the tracing module is only imported when tracing is on
+    from jwtproxy.tracing import Tracing
 
 log = logging.getLogger("jwtproxy")
 
@@ -123,11 +126,15 @@ class Gateway:
         replay_host: HostReplayGuard | None = None,
         replay_remote: RedisReplayGuard | None = None,
         assertion_key: AssertionKey | None = None,
+        tracer: Tracing | None = None,
     ) -> None:
         """``proofs``/``replay_host``: the DPoP checker and the host-wide jti guard (defaults
         for a single process); ``replay_remote``: the cross-node jti guard (Redis), if any;
-        ``assertion_key`` signs the assertions when ``[assertion] enabled`` (required then)."""
+        ``assertion_key`` signs the assertions when ``[assertion] enabled`` (required then);
+        ``tracer``: the worker's OpenTelemetry tracing, None when it is off."""
         self.config = config
+        #: None unless [tracing] is on: the hot path's only tracing work is this None check.
+        self.tracer = tracer
         self.metrics = metrics
         self.access_log = AccessLog(config.server.access_log)
         self.router = Router(config.routes)

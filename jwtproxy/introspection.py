@@ -79,6 +79,7 @@ from jwtproxy import __version__
 from jwtproxy.accesslog import log_event
 from jwtproxy.config import IssuerConfig
 from jwtproxy.jose import TokenRejected
+from jwtproxy.tracing import OperationTracer
 from jwtproxy.verifier import IssuerVerifier, Verified
 
 __all__ = [
@@ -268,7 +269,8 @@ class Introspector(Generic[T]):
     ``on_result(issuer_name, result)`` counts outcomes: ``active``, ``inactive``, ``rejected``,
     ``error``, ``busy``, ``hit`` (a cached outcome), ``shared`` (joined a call in flight).
     ``log`` receives one text line per event; without it events are JSON lines
-    (``introspection_failed``, ``introspection_recovered``).
+    (``introspection_failed``, ``introspection_recovered``). ``tracer`` (tracing on) gets an
+    ``introspection`` span per call, the child of the request that started it.
     """
 
     def __init__(
@@ -284,8 +286,10 @@ class Introspector(Generic[T]):
         session: aiohttp.ClientSession | None = None,
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
+        tracer: OperationTracer | None = None,
     ) -> None:
         self.name = issuer.name
+        self._tracer = tracer
         self.endpoint = endpoint
         self.policy = policy
         self.cache: OutcomeCache[T] = OutcomeCache(policy.max_entries)
@@ -363,6 +367,27 @@ class Introspector(Generic[T]):
     # ------------------------------------------------------------------ one call
 
     async def _call(self, token: str, digest: bytes) -> Outcome[T]:
+        if self._tracer is None:
+            return await self._judged_call(token, digest)
+        op = self._tracer.operation("introspection", {
+            "http.request.method": "POST",
+            "url.full": self.endpoint.url.split("?", 1)[0],
+            "jwtproxy.issuer": self.name,
+        })
+        result, error = "error", "cancelled"
+        try:
+            outcome = await self._judged_call(token, digest)
+            if isinstance(outcome, IntrospectionFailed):
+                error = "failed"
+            elif isinstance(outcome, TokenRejected):
+                result, error = outcome.reason, ""
+            else:
+                result, error = "active", ""
+            return outcome
+        finally:
+            op.end(result, error or None)
+
+    async def _judged_call(self, token: str, digest: bytes) -> Outcome[T]:
         try:
             response = await self._post(token)
             now = self._wall_clock()

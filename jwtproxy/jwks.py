@@ -70,6 +70,7 @@ from jwtproxy import __version__
 from jwtproxy.accesslog import echo, log_event
 from jwtproxy.config import IssuerConfig
 from jwtproxy.keys import KeySet, keyset_from_jwks
+from jwtproxy.tracing import OperationTracer
 
 __all__ = ["FetchError", "FetchPolicy", "KeyManager", "KeySink", "cache_max_age"]
 
@@ -230,6 +231,8 @@ class KeyManager:
     (``jwks_keys_changed``, ``jwks_load_failed``, ``jwks_key_skipped``, ``jwks_on_change_failed``).
     Key ids are logged, key material and secrets never.
 
+    ``tracer`` (tracing on) gets a ``jwks fetch`` span per HTTP load.
+
     ``parse_jwks``, ``clock``, ``wall_clock``, ``sleep`` and ``session`` default to the real
     things and exist so tests can be deterministic; an injected session is not closed by
     ``close()``.
@@ -250,8 +253,10 @@ class KeyManager:
         wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         last_good_dir: str | None = None,
+        tracer: OperationTracer | None = None,
     ) -> None:
         self._last_good_dir = last_good_dir
+        self._tracer = tracer
         self._issuers: dict[str, _Issuer] = {cfg.name: _Issuer(cfg) for cfg in issuers}
         self._verifier = verifier
         self._on_change = on_change
@@ -396,18 +401,33 @@ class KeyManager:
     async def _load(self, st: _Issuer) -> bool:
         if st.kind == "jwks_file":
             return self._load_file(st)
+        op = None
+        if self._tracer is not None:
+            # A child of the request whose unknown kid started it, else a trace of its own.
+            op = self._tracer.operation("jwks fetch", {
+                "http.request.method": "GET",
+                "url.full": str(URL(st.source).with_user(None).with_query(None).with_fragment(None)),
+                "jwtproxy.issuer": st.cfg.name,
+            })
+        result, error = "error", "cancelled"
         try:
-            if st.kind == "discovery":
-                document, max_age = await self._fetch_discovery(st)
-            else:
-                document, max_age = await self._fetch_jwks(URL(st.source))
-            changed = self._install(st, self._parse(st, document), max_age)
-        except Exception as exc:  # any failure keeps the last good keys (invariant 1)
-            self._failed(st, _describe(exc))
-            return False
-        if changed:
-            self._remember(st, document)
-        return changed
+            try:
+                if st.kind == "discovery":
+                    document, max_age = await self._fetch_discovery(st)
+                else:
+                    document, max_age = await self._fetch_jwks(URL(st.source))
+                changed = self._install(st, self._parse(st, document), max_age)
+            except Exception as exc:  # any failure keeps the last good keys (invariant 1)
+                error = type(exc).__name__
+                self._failed(st, _describe(exc))
+                return False
+            result, error = ("ok" if changed else "unchanged"), ""
+            if changed:
+                self._remember(st, document)
+            return changed
+        finally:
+            if op is not None:
+                op.end(result, error or None)
 
     # ------------------------------------------------------------------ last good keys
     # A worker started while the IdP is unreachable (a SIGHUP reload, a replaced worker) would

@@ -36,11 +36,11 @@ import os
 import signal
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jwtproxy.accesslog import log_event
 from jwtproxy.assertion import AssertionKey, generate_key
-from jwtproxy.config import Config
+from jwtproxy.config import Config, TracingConfig
 from jwtproxy.dpop import NonceIssuer, ProofChecker
 from jwtproxy.dpopreplay import HostReplayGuard, RedisReplayGuard
 from jwtproxy.gateway import Gateway
@@ -49,6 +49,16 @@ from jwtproxy.metrics import WorkerMetrics
 from jwtproxy.revocation import RevocationStore, open_store
 from jwtproxy.verifier import TokenVerifier
 from jwtproxy.workerlink import WorkerInheritance
+
+if TYPE_CHECKING:
+    from jwtproxy.tracing import Tracing
+
+
+def start_tracing(config: TracingConfig) -> Tracing:
+    """The worker's OpenTelemetry tracing (imported only when [tracing] is on)."""
+    from jwtproxy.tracing import Tracing
+
+    return Tracing(config)
 
 __all__ = ["Worker", "build_worker", "serve_worker", "split_listeners"]
 
@@ -73,6 +83,8 @@ class Worker:
         self.config = config
         self.inheritance = inheritance
         self.metrics = WorkerMetrics()
+        # Built here, in the worker process: the exporter's thread must start after the fork.
+        self.tracing = start_tracing(config.tracing) if config.tracing.otlp_endpoint else None
         self.store = store
         if inheritance.revocations:
             store.seed(inheritance.revocations)
@@ -85,6 +97,7 @@ class Worker:
             on_refresh=self.metrics.jwks_refresh,
             policy=fetch_policy,
             last_good_dir=inheritance.last_good_keys_dir,
+            tracer=self.tracing,
         )
         # Sender-constrained tokens (contract §5.2): the nonce key and the proof jti table come
         # from the supervisor, so every worker of the host agrees; across nodes, proofs are
@@ -103,6 +116,7 @@ class Worker:
             replay_host=HostReplayGuard(inheritance.dpop_replay) if inheritance.dpop_replay is not None else None,
             replay_remote=self.replay_remote,
             assertion_key=assertion_signing_key(config, inheritance),
+            tracer=self.tracing,
         )
 
     def _keys_changed(self, issuer: str) -> None:
@@ -136,6 +150,9 @@ class Worker:
         await self.store.close()
         if self.replay_remote is not None:
             await self.replay_remote.close()
+        if self.tracing is not None:
+            # Export what is queued; off the loop, the exporter may block up to its timeout.
+            await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
 
 
 def assertion_signing_key(config: Config, inheritance: WorkerInheritance) -> AssertionKey | None:

@@ -27,6 +27,7 @@ from jwtproxy.config import (
     Target,
     TokenConfig,
     TokenSource,
+    TracingConfig,
     UpstreamConfig,
     default_config_path,
     listeners_overlap,
@@ -38,7 +39,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 F = "t.toml"
 SECRET = "s" * 32
 ALL_ALGS = "RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 ES512 EdDSA Ed25519 HS256 HS384 HS512"
-ROOT_KEYS = "server, admin, token, issuer, route, upstream, claims_to_headers, revocation, assertion, authz"
+ROOT_KEYS = "server, admin, token, issuer, route, upstream, claims_to_headers, revocation, assertion, authz, tracing"
 
 
 def base() -> dict[str, Any]:
@@ -118,6 +119,7 @@ def test_shipped_sample_sets_every_documented_key() -> None:
     assert set(data["revocation"]) == set(mod._REVOCATION_KEYS)
     assert set(data["assertion"]) == set(mod._ASSERTION_KEYS)
     assert set(data["authz"]) == set(mod._AUTHZ_KEYS)
+    assert set(data["tracing"]) == set(mod._TRACING_KEYS)
 
 
 FULL = """
@@ -1144,6 +1146,20 @@ CASES: list[tuple[str, Mutation, str]] = [
     ),
     ("redis_url scheme", _set("revocation", redis_url="http://h:6379"), "revocation.redis_url: expected a redis://, rediss:// or unix:// URL"),
     ("redis_url type", _set("revocation", redis_url=6379), "revocation.redis_url: expected a string, got integer"),
+    # --- tracing
+    ("tracing typo", _set("tracing", otlp_endpoit=""), "tracing.otlp_endpoit: unknown key (did you mean 'otlp_endpoint'?)"),
+    (
+        "otlp_endpoint scheme",
+        _set("tracing", otlp_endpoint="grpc://collector:4317"),
+        "tracing.otlp_endpoint: expected an http:// or https:// URL "
+        "(the full traces URL, e.g. http://127.0.0.1:4318/v1/traces)",
+    ),
+    ("sample_ratio above 1", _set("tracing", sample_ratio=1.5), "tracing.sample_ratio: must be from 0 to 1, got 1.5"),
+    ("sample_ratio negative", _set("tracing", sample_ratio=-0.1), "tracing.sample_ratio: must be from 0 to 1, got -0.1"),
+    ("sample_ratio nan", _set("tracing", sample_ratio=float("nan")), "tracing.sample_ratio: must be from 0 to 1, got nan"),
+    ("sample_ratio type", _set("tracing", sample_ratio="0.5"), "tracing.sample_ratio: expected a number from 0 to 1, got string"),
+    ("sample_ratio bool", _set("tracing", sample_ratio=True), "tracing.sample_ratio: expected a number from 0 to 1, got boolean"),
+    ("service_name empty", _set("tracing", service_name=" "), "tracing.service_name: must not be empty"),
 ]
 
 
@@ -1357,3 +1373,22 @@ def test_tls_files_that_cannot_be_loaded_are_config_errors(tmp_path: pathlib.Pat
     data = {"server": {"tls_cert": cert, "tls_key": key}, "upstream": {"u": {"targets": ["http://127.0.0.1:1"]}},
             "route": [{"path_prefix": "/", "upstream": "u", "auth": "off"}]}
     assert parse_config(data, "t.toml").server.tls_cert == cert
+
+
+def test_tracing_defaults_off_and_reads_its_keys() -> None:
+    assert parse_config(base(), F).tracing == TracingConfig("", 1.0, "jwtproxy")
+    data = base()
+    data["tracing"] = {"otlp_endpoint": "http://127.0.0.1:4318/v1/traces", "sample_ratio": 0, "service_name": "edge"}
+    assert parse_config(data, F).tracing == TracingConfig("http://127.0.0.1:4318/v1/traces", 0.0, "edge")
+
+
+def test_tracing_without_the_sdk_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jwtproxy import config as mod
+
+    monkeypatch.setattr(mod, "_tracing_sdk_installed", lambda: False)
+    data = base()
+    data["tracing"] = {"otlp_endpoint": "http://127.0.0.1:4318/v1/traces"}
+    assert problems(data) == [
+        f"{F}: tracing.otlp_endpoint: tracing needs the OpenTelemetry SDK: pip install 'jwtproxy[tracing]'"]
+    data["tracing"] = {"otlp_endpoint": ""}   # off: the SDK is not needed
+    assert parse(data).tracing.otlp_endpoint == ""
