@@ -932,7 +932,7 @@ class ClientConnection(asyncio.Protocol):
         label = runtime.label if runtime is not None else "-"
         gw.metrics.request(label, ex.status, duration, self.listener)
         if ex.trace is not None:
-            ex.trace.finish(ex.status, ex.deny_reason)
+            ex.trace.finish(ex.status, ex.deny_reason or ("ok" if ex.auth.sub else "anonymous"))
         if gw.access_log.enabled:
             auth = ex.auth
             fwd = self.forwarded(ex)

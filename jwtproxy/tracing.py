@@ -272,15 +272,15 @@ class RequestTrace:
             span.set_status(Status(StatusCode.ERROR))
         span.end()
 
-    def finish(self, status: int, auth: str | None) -> None:
-        """The response is out (or the client went away: 499): end every open span."""
+    def finish(self, status: int, auth: str) -> None:
+        """The response is out (or the client went away: 499): end every open span. ``auth`` is
+        the access log's: ``ok``, ``anonymous`` or the failure reason."""
         if self.upstream_span is not None:
             self.upstream_end(None, "client_closed" if status == 499 else "abandoned")
         span = self.span
         if self.recording:
             span.set_attribute("http.response.status_code", status)
-            if auth is not None:
-                span.set_attribute("jwtproxy.auth.result", auth)
+            span.set_attribute("jwtproxy.auth.result", auth)
             if status >= 500:
                 from opentelemetry.trace import Status, StatusCode
 
