@@ -33,10 +33,19 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote_plus
 
-from jwtproxy.binding import BEARER, UNBOUND, BindingRejected, Confirmation, Presentation, enforce, read_confirmation
+from jwtproxy.binding import (
+    BEARER,
+    FAILURE_REASONS,
+    UNBOUND,
+    BindingRejected,
+    Confirmation,
+    Presentation,
+    enforce,
+    read_confirmation,
+)
 from jwtproxy.config import Config, IssuerConfig, RouteConfig, TokenSource
 from jwtproxy.dpop import USE_DPOP_NONCE, AcceptedProof, DPoPPolicy, NonceIssuer, ProofChecker
 from jwtproxy.dpopreplay import HostReplayGuard, ReplayCheckUnavailable
@@ -49,6 +58,7 @@ from jwtproxy.tokencache import TokenCache, cache_key
 from jwtproxy.verifier import KeysNotLoaded, TokenVerifier, UnknownKid, Verified
 
 __all__ = [
+    "AUTH_FAILURE_REASONS",
     "Allow",
     "AmbiguousToken",
     "AuthStage",
@@ -60,6 +70,26 @@ __all__ = [
     "extract_token",
     "uses_dpop_scheme",
 ]
+
+
+#: Every ``reason`` of ``jwtproxy_auth_failures_total`` (the access log's ``auth``), each counted
+#: from 0 from the start so rate() and alerts work before the first failure. A check that rejects
+#: with a new reason adds it here -- tests/test_metrics_zero.py finds every reason literal in the
+#: code and fails otherwise; a feature with many keeps its own tuple, added at the end as the
+#: sender-constrained tokens' (binding.FAILURE_REASONS) are.
+AUTH_FAILURE_REASONS: Final[tuple[str, ...]] = (
+    # the request: no token, or not one usable token
+    "missing_token", "malformed_header", "ambiguous_token", "token_too_large",
+    # the token: JOSE structure, signature and claims (jose, verifier, identity)
+    "malformed", "unsupported_jwe", "bad_header", "alg_not_allowed", "bad_typ", "no_matching_key",
+    "unknown_kid", "bad_signature", "expired", "not_yet_valid", "issued_in_future",
+    "lifetime_exceeded", "missing_claim", "bad_claim", "audience_not_allowed", "issuer_not_allowed",
+    "bad_claim_value", "keys_unavailable",
+    # opaque tokens (introspection)
+    "token_inactive", "bad_token_type",
+    # the route and revocation
+    "revoked", "insufficient_scope", "claim_not_allowed",
+) + FAILURE_REASONS  # fmt: skip
 
 
 #: Slots of the replay table of a process that was handed none (``jwtproxy verify``, tests).

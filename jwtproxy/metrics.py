@@ -14,6 +14,11 @@ Theory of operation
   its value class when it is first imported, which may be before the supervisor ran, so
   ``enable_multiprocess`` switches ``prometheus_client.values.ValueClass`` explicitly. After
   a fork prometheus_client notices the new PID and opens that PID's own files.
+* Every labelled counter exists from the start with 0 for its known label values
+  (``declare()``, created by the first flush): routes, failure reasons, upstreams and their
+  error kinds, issuers and refresh results, cache results. ``rate()`` and alerts then work
+  before the first failure; a feature that adds a label value adds it to the tuple that lists
+  them (``auth.AUTH_FAILURE_REASONS``, ``upstream.UPSTREAM_ERROR_KINDS``, ``ROUTE_STATUSES``).
 * ``mark_worker_dead(pid)`` removes a dead worker's live gauges (counters and histograms are
   kept: they are totals).
 * The duration histogram is flushed by adding to the histogram's per-bucket values
@@ -128,6 +133,19 @@ def counter_totals(
     return out
 
 
+class _KnownLabels:
+    """Label values to create at 0 (``WorkerMetrics.declare``)."""
+
+    __slots__ = ("requests", "reasons", "upstream_errors", "jwks")
+
+    def __init__(self, requests: list[tuple[str, str, str]], reasons: list[str],
+                 upstream_errors: list[tuple[str, str]], jwks: list[tuple[str, str]]) -> None:
+        self.requests = requests
+        self.reasons = reasons
+        self.upstream_errors = upstream_errors
+        self.jwks = jwks
+
+
 class _PromWorker:
     """The prometheus_client side of WorkerMetrics (created once per process)."""
 
@@ -153,12 +171,24 @@ class _PromWorker:
             ("upstream", "kind"), registry=None)
 
 
+#: Statuses ``jwtproxy_requests_total`` has from the start, at 0, for every route: success, and
+#: every answer the gateway gives on a route itself (authentication, limits, internal error,
+#: upstream failures), so rate() and alerts on them work before the first one. Other upstream
+#: statuses appear when they first occur (they cannot be listed in advance).
+ROUTE_STATUSES: tuple[str, ...] = ("200", "401", "403", "429", "500", "502", "503", "504")
+#: ... and under the route label "-" (no route took the request): no route, malformed request.
+UNROUTED_STATUSES: tuple[str, ...] = ("400", "404")
+#: Results of ``jwtproxy_token_cache_total`` and ``jwtproxy_jwks_refresh_total``.
+TOKEN_CACHE_RESULTS: tuple[str, ...] = ("hit", "miss")
+JWKS_REFRESH_RESULTS: tuple[str, ...] = ("ok", "unchanged", "error")
+
+
 class WorkerMetrics:
     """Per-worker counters. Hot-path methods are dict increments; ``flush()`` publishes."""
 
     __slots__ = (
         "_requests", "_auth_failures", "_token_cache", "_jwks_refresh", "_upstream_errors",
-        "_bounds", "_hist", "_hist_sum", "_prom",
+        "_bounds", "_hist", "_hist_sum", "_prom", "_declared",
     )
 
     def __init__(self, buckets: Iterable[float] = DURATION_BUCKETS) -> None:
@@ -174,6 +204,7 @@ class WorkerMetrics:
         self._hist: list[int] = [0] * (len(self._bounds) + 1)
         self._hist_sum = 0.0
         self._prom: _PromWorker | None = None   # built on first flush, in the worker process
+        self._declared: _KnownLabels | None = None  # created (at 0) by the next flush
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -200,6 +231,30 @@ class WorkerMetrics:
         """Count one upstream failure by kind: ``"connect"``, ``"tls"``, ``"reset"``, ``"timeout"``, ``"protocol"``..."""
         self._upstream_errors[upstream, kind] += 1
 
+    def declare(
+        self,
+        *,
+        routes: Iterable[str],
+        listeners: Iterable[str] = ("traffic",),
+        reasons: Iterable[str],
+        upstreams: Iterable[str],
+        upstream_kinds: Iterable[str],
+        issuers: Iterable[str],
+    ) -> None:
+        """Label values every labelled counter has from the start, at 0 (the next ``flush()``
+        creates them): ``routes`` with :data:`ROUTE_STATUSES` (plus "-" with
+        :data:`UNROUTED_STATUSES`) on each kind of listener, every failure ``reason``, each upstream with each kind, each
+        issuer with :data:`JWKS_REFRESH_RESULTS`, and :data:`TOKEN_CACHE_RESULTS`."""
+        kinds = list(listeners)
+        routes = list(routes)
+        self._declared = _KnownLabels(
+            requests=[(route, status, kind) for kind in kinds for route in routes for status in ROUTE_STATUSES]
+            + [("-", status, kind) for kind in kinds for status in UNROUTED_STATUSES],
+            reasons=list(reasons),
+            upstream_errors=[(name, kind) for name in upstreams for kind in upstream_kinds],
+            jwks=[(issuer, result) for issuer in issuers for result in JWKS_REFRESH_RESULTS],
+        )
+
     # -- publishing -------------------------------------------------------------------------
 
     def flush(self) -> None:
@@ -216,6 +271,19 @@ class WorkerMetrics:
         upstream, self._upstream_errors = self._upstream_errors, defaultdict(int)
         hist, self._hist = self._hist, [0] * len(self._hist)
         hist_sum, self._hist_sum = self._hist_sum, 0.0
+        declared, self._declared = self._declared, None
+        if declared is not None:
+            # labels() alone writes the sample, at 0, into this process's multiprocess file.
+            for route_label, status_label, listener_label in declared.requests:
+                prom.requests.labels(route_label, status_label, listener_label)
+            for reason_label in declared.reasons:
+                prom.auth_failures.labels(reason_label)
+            for upstream_label, kind_label in declared.upstream_errors:
+                prom.upstream_errors.labels(upstream_label, kind_label)
+            for issuer_label, result_label in declared.jwks:
+                prom.jwks_refresh.labels(issuer_label, result_label)
+            for cache_label in TOKEN_CACHE_RESULTS:
+                prom.token_cache.labels(cache_label)
 
         for (route, status, listener), n in requests.items():
             prom.requests.labels(route, str(status), listener).inc(n)

@@ -275,8 +275,9 @@ def _traffic_view(covered: float, deltas: Mapping[str, Mapping[tuple[str, ...], 
         "by_route": {k: int(v) for k, v in sorted(by_route.items())},
         "auth_failures": int(failed),
         "auth_failures_per_second": per_second(failed),
+        # Only reasons that happened: every known reason exists at 0 (metrics from zero).
         "auth_failures_by_reason": {
-            k: int(v) for k, v in sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))
+            k: int(v) for k, v in sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])) if v > 0
         },
     }
 

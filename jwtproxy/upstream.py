@@ -65,6 +65,10 @@ log = logging.getLogger("jwtproxy")
 TLS_LOG_INTERVAL = 10.0
 
 
+#: Every ``kind`` of ``jwtproxy_upstream_errors_total``, counted from 0 for every upstream.
+UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect", "tls", "reset", "timeout", "protocol", "internal")
+
+
 class UpstreamError(Exception):
     """A request could not be delivered. ``kind`` is the metric label, ``status`` the client's answer."""
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from jwtproxy.accesslog import log_event
 from jwtproxy.assertion import AssertionKey, generate_key
+from jwtproxy.auth import AUTH_FAILURE_REASONS
 from jwtproxy.config import Config, TracingConfig
 from jwtproxy.dpop import NonceIssuer, ProofChecker
 from jwtproxy.dpopreplay import HostReplayGuard, RedisReplayGuard
@@ -47,6 +48,7 @@ from jwtproxy.gateway import Gateway
 from jwtproxy.jwks import FetchPolicy, KeyManager
 from jwtproxy.metrics import WorkerMetrics
 from jwtproxy.revocation import RevocationStore, open_store
+from jwtproxy.upstream import UPSTREAM_ERROR_KINDS
 from jwtproxy.verifier import TokenVerifier
 from jwtproxy.workerlink import WorkerInheritance
 
@@ -117,6 +119,16 @@ class Worker:
             replay_remote=self.replay_remote,
             assertion_key=assertion_signing_key(config, inheritance),
             tracer=self.tracing,
+        )
+
+        # Every labelled counter exists from the start, at 0 (contract §5.6).
+        self.metrics.declare(
+            routes=[runtime.label for runtime in self.gateway.routes.values()],
+            listeners=("traffic", "authz") if config.authz.listen else ("traffic",),
+            reasons=AUTH_FAILURE_REASONS,
+            upstreams=list(config.upstreams),
+            upstream_kinds=UPSTREAM_ERROR_KINDS,
+            issuers=[issuer.name for issuer in config.issuers],
         )
 
     def _keys_changed(self, issuer: str) -> None:
