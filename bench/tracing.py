@@ -1,0 +1,157 @@
+"""What tracing costs on the cached-token path (scenario (a)): off against before, and on.
+
+    python bench/tracing.py [--before REF] [--reps N] [--duration S] [--port-base N]
+
+Variants, each a fresh ``python -m jwtproxy serve`` with one worker pinned to core 0, wrk
+(``-t1 -c32``) and the Python origin on core 1, the same RS256 token on every request:
+
+* ``before``: the checkout of git REF (default: the parent of the commit that added tracing),
+  exported into a temporary directory, no ``[tracing]`` section;
+* ``off``: this checkout, ``[tracing]`` absent (``otlp_endpoint = ""``);
+* ``on 1.0`` / ``on 0.01``: this checkout exporting every trace, or 1 in 100, over OTLP/HTTP to a
+  local sink that reads and discards the batches (the exporter's thread and its HTTP posts run
+  in the worker process, as they would in production).
+
+Repetitions interleave the variants (before, off, on 1.0, on 0.01, before, ...) so drift on a
+shared machine spreads over all of them; the table gives median requests/s and the ratio to
+``before``. Needs wrk; the tracing extra for the ``on`` rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from measure import SCENARIOS, run_wrk, to_sample, wrk_command  # noqa: E402
+from peers import render  # noqa: E402
+from procs import Processes, can_pin, wait_port  # noqa: E402
+from tokens import AUDIENCE, ISSUER, ensure_keys, token_file, first_token  # noqa: E402
+
+TEMPLATE = HERE / "templates" / "jwtproxy.toml"
+
+
+def _sink(port: int, stop: threading.Event) -> None:
+    """An OTLP/HTTP endpoint that accepts and discards every batch (its own thread and loop)."""
+    from aiohttp import web
+
+    async def accept(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(content_type="application/x-protobuf")
+
+    async def main() -> None:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/v1/traces", accept)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def _before_tree(ref: str, into: Path) -> Path:
+    """``git archive`` of REF's jwtproxy package into ``into`` (importable with PYTHONPATH)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "jwtproxy"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def _default_before() -> str:
+    """The parent of the first commit that created jwtproxy/tracing.py."""
+    out = subprocess.run(["git", "-C", str(ROOT), "log", "--diff-filter=A", "--format=%H", "--", "jwtproxy/tracing.py"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    if not out:
+        raise SystemExit("no commit adds jwtproxy/tracing.py: pass --before REF")
+    return out[-1] + "^"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", help="git ref of the code without tracing (default: before tracing.py)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--port-base", type=int, default=18880)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (bash bench/setup.sh)")
+    work = HERE / "work"
+    keys = ensure_keys(work)
+    token = first_token(token_file(work, keys, "RS256", 1))
+    scenario = SCENARIOS["a"]
+    pin = can_pin()
+    port, admin, origin_port, sink_port = (args.port_base + i for i in range(4))
+    stop = threading.Event()
+    threading.Thread(target=_sink, args=(sink_port, stop), daemon=True).start()
+
+    with tempfile.TemporaryDirectory(prefix="jwtproxy-tracing-bench-") as tmp:
+        tmpdir = Path(tmp)
+        before_ref = args.before or _default_before()
+        before = _before_tree(before_ref, tmpdir / "before")
+        variants: list[tuple[str, Path, str]] = [
+            ("before", before, ""),
+            ("off", ROOT, ""),
+            ("on, sample_ratio 1.0", ROOT, f'otlp_endpoint = "http://127.0.0.1:{sink_port}/v1/traces"\nsample_ratio = 1.0'),
+            ("on, sample_ratio 0.01", ROOT, f'otlp_endpoint = "http://127.0.0.1:{sink_port}/v1/traces"\nsample_ratio = 0.01'),
+        ]
+        procs = Processes(tmpdir / "logs", pin)
+        origin = procs.spawn("origin", [sys.executable, str(HERE / "upstream.py"), str(origin_port)], 1)
+        wait_port(origin, origin_port, 10)
+        results: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+        try:
+            for rep in range(args.reps):
+                for name, tree, tracing in variants:
+                    config = render(TEMPLATE, tmpdir / f"{rep}-{len(results[name])}-{name[:3]}.toml", {
+                        "PORT": str(port), "ADMIN_PORT": str(admin), "PARSER": "httptools", "CACHE_SIZE": "10000",
+                        "ISSUER": ISSUER, "JWKS": str(keys.jwks), "AUDIENCE": AUDIENCE,
+                        "UPSTREAM_PORT": str(origin_port), "WORK": str(tmpdir),
+                    })
+                    if tracing:
+                        config.write_text(config.read_text() + f"\n[tracing]\n{tracing}\n")
+                    proxy = procs.spawn("jwtproxy", [sys.executable, "-m", "jwtproxy", "serve", "-c", str(config)], 0,
+                                        env={"PYTHONPATH": str(tree)}, cwd=tmpdir)
+                    try:
+                        wait_port(proxy, port, 20)
+                        time.sleep(0.5)  # the worker loads its keys after binding
+                        script = HERE / "lua" / "bench.lua"
+                        warm = wrk_command(script, port, scenario, token, args.warmup, 1, 32, 0, False)
+                        run_wrk(warm, args.warmup + 30)
+                        cmd = wrk_command(script, port, scenario, token, args.duration, 1, 32, 0, False)
+                        if pin:
+                            cmd = ["taskset", "-c", "1", *cmd]
+                        sample = to_sample(run_wrk(cmd, args.duration + 30), scenario.expect)
+                        if sample.errors:
+                            raise SystemExit(f"{name}: {sample.errors} unexpected responses {sample.error_detail}")
+                        results[name].append(sample.rps)
+                        print(f"rep {rep + 1} {name:<24} {sample.rps:10,.0f} requests/s", file=sys.stderr)
+                    finally:
+                        procs.stop(proxy)
+        finally:
+            procs.stop_all()
+            stop.set()
+
+    base = statistics.median(results["before"])
+    print(f"\ncached-token path (scenario a), median of {args.reps} x {args.duration:g} s, before = {before_ref}")
+    print(f"{'variant':<24} {'requests/s':>12} {'vs before':>10}")
+    for name, _, _ in variants:
+        rps = statistics.median(results[name])
+        print(f"{name:<24} {rps:12,.0f} {rps / base:10.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
