@@ -65,6 +65,7 @@ def _sink(port: int, stop: threading.Event) -> None:
 
 def _before_tree(ref: str, into: Path) -> Path:
     """``git archive`` of REF's jwtproxy package into ``into`` (importable with PYTHONPATH)."""
+    into.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "jwtproxy"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return into

@@ -86,7 +86,7 @@ from jwtproxy.upstream import UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
     from jwtproxy.gateway import Gateway, RouteRuntime
-    from jwtproxy.tracing import RequestTrace
+    from jwtproxy.tracing import RequestTrace, UnsampledTrace
 
 log = logging.getLogger("jwtproxy")
 
@@ -196,7 +196,7 @@ class Exchange:
         self.out: list[bytes] = []
         self.body_mode = BODY_NONE
         self.tunnel_buffer: list[bytes] = []
-        self.trace: RequestTrace | None = None  # only with [tracing] on
+        self.trace: RequestTrace | UnsampledTrace | None = None  # only with [tracing] on
 
     # -- ResponseSink (called by the UpstreamConnection) ----------------------------------------
     def on_response_head(
@@ -554,13 +554,12 @@ class ClientConnection(asyncio.Protocol):
         tracer = self.gw.tracer
         assert tracer is not None
         fwd = ex.forwarded
-        trace = ex.trace = tracer.request(
+        ex.trace = tracer.request(
             ex.head.method, ex.head.version, ex.head.headers, path=ex.path, scheme=self.proto, host=host,
             client=fwd.client if fwd is not None else self.peer, request_id=ex.request_id,
-            age=self.loop.time() - ex.started,
+            age=self.loop.time() - ex.started, route=route.path_prefix if route is not None else None,
+            upstream=route.upstream if route is not None else None,
         )
-        if route is not None:
-            trace.routed(ex.head.method, route.path_prefix, route.upstream)
 
     def _presentation(self, ex: Exchange, source: TokenSource | None) -> Presentation:
         """What this request offers as proof of possession (contract §5.2)."""

@@ -2,15 +2,15 @@
 
 Theory of operation
 -------------------
-* Off costs nothing. With ``otlp_endpoint = ""`` (the default) this module is never imported: the
-  gateway's ``tracer`` is None and the connection's only per-request work is that None check.
+* Off costs nothing. With ``otlp_endpoint = ""`` (the default) no :class:`Tracing` exists and the
+  SDK is never imported: the gateway's ``tracer`` is None and the connection's only per-request
+  work is that None check.
   The OpenTelemetry SDK is the optional extra ``jwtproxy[tracing]``; the config loader refuses a
   non-empty ``otlp_endpoint`` when it is missing, so tracing never silently fails to start.
 * One :class:`Tracing` per worker process, built after the fork (the SDK's batch exporter runs a
   thread, and threads do not survive ``fork()``): a ``TracerProvider`` with the resource
-  ``service.name``, a parent-based ratio sampler (``sample_ratio`` for new traces; a sampled or
-  unsampled incoming ``traceparent`` is followed, as W3C Trace Context asks), and a batch
-  processor exporting to ``otlp_endpoint`` (the full traces URL, protobuf over HTTP).
+  ``service.name`` and a batch processor exporting to ``otlp_endpoint`` (the full traces URL,
+  protobuf over HTTP).
 * A request is one SERVER span (:class:`RequestTrace`), parented on the incoming W3C
   ``traceparent``/``tracestate`` when valid. Its children: ``jwtproxy.verify`` (the call into the
   verification stage), ``jwks fetch`` and ``introspection`` when a request made one happen, and
@@ -28,14 +28,19 @@ Theory of operation
   exchange has no query, and the only jwtproxy attributes are the request id, the route's
   upstream and the verification result (``ok`` or the failure reason of
   ``jwtproxy_auth_failures_total``).
-* An unsampled request (sample_ratio < 1) records nothing: no child spans are made, only its
-  trace context is passed upstream.
+* Sampling: a request with a valid incoming ``traceparent`` follows its sampled flag
+  (parent-based); a new trace is sampled with probability ``sample_ratio``, decided here before
+  the SDK is involved. An unsampled request is an :class:`UnsampledTrace`: no span, no SDK call,
+  two random numbers and its ``traceparent`` for the upstream (a new span id under the same trace
+  id, the flags as they came).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from random import getrandbits, random
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:  # imported for real in Tracing.__init__, only when tracing is on
@@ -47,7 +52,7 @@ if TYPE_CHECKING:  # imported for real in Tracing.__init__, only when tracing is
     from jwtproxy.config import TracingConfig
 
 __all__ = [
-    "TRACE_HEADERS", "Operation", "OperationTracer", "RequestTrace", "Tracing",
+    "TRACE_HEADERS", "Operation", "OperationTracer", "RequestTrace", "Tracing", "UnsampledTrace",
 ]
 
 #: Client headers replaced by the gateway's own trace context towards the upstream.
@@ -111,7 +116,7 @@ class Tracing:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         from jwtproxy import __version__
@@ -122,7 +127,11 @@ class Tracing:
             exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, timeout=5)
         resource = Resource.create({"service.name": config.service_name, "service.version": __version__})
         self.provider: TracerProvider = TracerProvider(
-            resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
+            resource=resource, sampler=ALWAYS_ON)
+        # Sampling is decided in request(), before the SDK is involved: an unsampled request costs
+        # two random numbers, not a span, and the SDK only ever sees what is recorded. (Key
+        # fetches outside any request -- the background refresh -- are always recorded.)
+        self.ratio = config.sample_ratio
         self.provider.add_span_processor(
             BatchSpanProcessor(exporter, schedule_delay_millis=schedule_delay * 1000))
         self.tracer: Tracer = self.provider.get_tracer("jwtproxy", __version__)
@@ -148,19 +157,35 @@ class Tracing:
         client: str,
         request_id: bytes,
         age: float,
-    ) -> RequestTrace:
-        """Start the SERVER span of a request whose head arrived ``age`` seconds ago.
+        route: str | None,
+        upstream: str | None,
+    ) -> RequestTrace | UnsampledTrace:
+        """The trace of a request whose head arrived ``age`` seconds ago: a SERVER span when
+        sampled, else an :class:`UnsampledTrace` that only carries the trace context on.
 
-        ``path`` is the normalised path (never the query); ``host`` the Host header's value.
+        ``path`` is the normalised path (never the query); ``host`` the Host header's value;
+        ``route`` the matched route's path prefix (None: no route), ``upstream`` its upstream.
         """
-        carrier: dict[str, str] = {}
-        user_agent = None
-        for name, value in headers:
-            if name in TRACE_HEADERS:
-                carrier[name.decode()] = value.decode("latin-1")
-            elif name == b"user-agent":
-                user_agent = value.decode("latin-1")
-        parent = self.propagator.extract(carrier) if carrier else None
+        traceparent = tracestate = user_agent = None
+        for header, value in headers:
+            if header == b"traceparent":
+                traceparent = value
+            elif header == b"tracestate":
+                tracestate = value
+            elif header == b"user-agent":
+                user_agent = value
+        parent = None
+        incoming = _parse_traceparent(traceparent) if traceparent is not None else None
+        if incoming is not None:
+            trace_id, flags = incoming
+            if not flags & 1:  # the caller did not sample it: neither do we (parent-based)
+                return UnsampledTrace(b"00-%s-%016x-%02x" % (trace_id, _random_id(64), flags), tracestate)
+            carrier = {"traceparent": traceparent.decode("latin-1")} if traceparent else {}
+            if tracestate is not None:
+                carrier["tracestate"] = tracestate.decode("latin-1")
+            parent = self.propagator.extract(carrier)
+        elif self.ratio < 1.0 and random() >= self.ratio:
+            return UnsampledTrace(b"00-%032x-%016x-00" % (_random_id(128), _random_id(64)), None)
         attributes: dict[str, str | int] = dict(_method(method))
         attributes["url.path"] = path
         attributes["url.scheme"] = scheme.decode()
@@ -173,12 +198,18 @@ class Tracing:
         if client:
             attributes["client.address"] = client
         if user_agent is not None:
-            attributes["user_agent.original"] = user_agent
+            attributes["user_agent.original"] = user_agent.decode("latin-1")
         attributes["jwtproxy.request_id"] = request_id.decode("latin-1")
-        start = time.time_ns() - int(age * 1e9)
         method_name = attributes["http.request.method"]
-        span = self.tracer.start_span(str(method_name) if method_name != "_OTHER" else "HTTP", context=parent,
-                                      kind=self.server_kind, attributes=attributes, start_time=start)
+        name = str(method_name) if method_name != "_OTHER" else "HTTP"
+        if route is not None:
+            # Low cardinality: the route's prefix, never the path (semantic conventions).
+            name = f"{name} {route}"
+            attributes["http.route"] = route
+        if upstream is not None:
+            attributes["jwtproxy.upstream"] = upstream
+        span = self.tracer.start_span(name, context=parent, kind=self.server_kind, attributes=attributes,
+                                      start_time=time.time_ns() - int(age * 1e9))
         return RequestTrace(self, span)
 
     # -- operations outside a request's own code ------------------------------------------------
@@ -205,14 +236,6 @@ class RequestTrace:
         self.recording = span.is_recording()
         self.upstream_span: Span | None = None
         self._context: Context = tracing.set_span_in_context(span)
-
-    def routed(self, method: bytes, route: str, upstream: str) -> None:
-        """The request matched a route: the span is named ``METHOD route`` (low cardinality)."""
-        if self.recording:
-            name = method.decode("latin-1")
-            self.span.update_name(f"{name if name in _KNOWN_METHODS else 'HTTP'} {route}")
-            self.span.set_attribute("http.route", route)
-            self.span.set_attribute("jwtproxy.upstream", upstream)
 
     def verify(self, authorize: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Run one call into the verification stage inside a ``jwtproxy.verify`` span, which is the
@@ -249,9 +272,8 @@ class RequestTrace:
         context = self._context
         if span is not None:
             shown = f"[{host}]" if ":" in host else host
-            span.set_attribute("server.address", host)
-            span.set_attribute("server.port", port)
-            span.set_attribute("url.full", f"{scheme}://{shown}:{port}{path}")
+            span.set_attributes({"server.address": host, "server.port": port,
+                                 "url.full": f"{scheme}://{shown}:{port}{path}"})
             context = self.tracing.set_span_in_context(span)
         carrier: dict[str, str] = {}
         self.tracing.propagator.inject(carrier, context=context)
@@ -279,11 +301,56 @@ class RequestTrace:
             self.upstream_end(None, "client_closed" if status == 499 else "abandoned")
         span = self.span
         if self.recording:
-            span.set_attribute("http.response.status_code", status)
-            span.set_attribute("jwtproxy.auth.result", auth)
+            span.set_attributes({"http.response.status_code": status, "jwtproxy.auth.result": auth})
             if status >= 500:
                 from opentelemetry.trace import Status, StatusCode
 
                 span.set_attribute("error.type", str(status))
                 span.set_status(Status(StatusCode.ERROR))
         span.end()
+
+
+class UnsampledTrace:
+    """A request that is not sampled: nothing recorded, its trace context passed upstream (a new
+    span id under the trace id, the flags as they came). Same interface as :class:`RequestTrace`."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self, traceparent: bytes, tracestate: bytes | None) -> None:
+        self.headers = [(b"traceparent", traceparent)]
+        if tracestate is not None:
+            self.headers.append((b"tracestate", tracestate))
+
+    def verify(self, authorize: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        return authorize(*args, **kwargs)
+
+    def upstream_start(self, method: bytes) -> None:
+        pass
+
+    def upstream_headers(self, scheme: str, host: str, port: int, path: str) -> list[tuple[bytes, bytes]]:
+        return self.headers
+
+    def upstream_end(self, status: int | None, error: str | None = None) -> None:
+        pass
+
+    def finish(self, status: int, auth: str) -> None:
+        pass
+
+
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\Z", re.S)
+
+
+def _parse_traceparent(value: bytes) -> tuple[bytes, int] | None:
+    """(trace id, flags) of a valid W3C ``traceparent``, else None (then it is ignored and the
+    request starts a new trace, as the Trace Context recommendation says)."""
+    m = _TRACEPARENT.match(value.strip(b" \t"))
+    if m is None:
+        return None
+    version, trace_id, parent_id, flags, rest = m.groups()
+    if version == b"ff" or (version == b"00" and rest) or trace_id == b"0" * 32 or parent_id == b"0" * 16:
+        return None
+    return trace_id, int(flags, 16)
+
+
+def _random_id(bits: int) -> int:
+    return getrandbits(bits) or 1   # an all-zero id is invalid
