@@ -15,6 +15,11 @@ Variants, each a fresh ``python -m jwtproxy serve`` with one worker pinned to co
 Repetitions interleave the variants (before, off, on 1.0, on 0.01, before, ...) so drift on a
 shared machine spreads over all of them; the table gives median requests/s and the ratio to
 ``before``. Needs wrk; the tracing extra for the ``on`` rows.
+
+``--calls N`` first prints the in-process CPU cost of the tracing calls one request makes (what
+the connection calls: request, verify, upstream start/headers/end, finish), best of five rounds
+of N, with a discarding exporter: unsampled (a new trace at ratio 0, an incoming unsampled
+``traceparent``) and sampled. It is independent of wrk and of load on the machine.
 """
 
 from __future__ import annotations
@@ -63,6 +68,47 @@ def _sink(port: int, stop: threading.Event) -> None:
     asyncio.run(main())
 
 
+def tracing_calls_us(calls: int) -> list[tuple[str, float]]:
+    """CPU µs of the tracing calls of one request (see the module docstring)."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    sys.path.insert(0, str(ROOT))
+    from jwtproxy.config import TracingConfig
+    from jwtproxy.tracing import Tracing
+
+    class Discard(SpanExporter):
+        def export(self, spans: object) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    headers = [(b"host", b"127.0.0.1:8080"), (b"user-agent", b"wrk"), (b"authorization", b"Bearer " + b"x" * 600)]
+    unsampled_parent = [*headers, (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")]
+
+    def one(tracing: Tracing, request_headers: list[tuple[bytes, bytes]]) -> None:
+        trace = tracing.request(b"GET", b"1.1", request_headers, path="/", scheme=b"http", host="127.0.0.1:8080",
+                                client="127.0.0.1", request_id=b"0123456789ab-1", age=0.0001, route="/",
+                                upstream="origin")
+        trace.verify(lambda: None)
+        trace.upstream_start(b"GET")
+        trace.upstream_headers("http", "127.0.0.1", 18882, "/")
+        trace.upstream_end(200)
+        trace.finish(200, "ok")
+
+    rows = []
+    for name, ratio, request_headers in (("unsampled (new trace, ratio 0)", 0.0, headers),
+                                         ("unsampled (incoming flag 00)", 1.0, unsampled_parent),
+                                         ("sampled (3 spans exported)", 1.0, headers)):
+        tracing = Tracing(TracingConfig("http://127.0.0.1:9/v1/traces", ratio, "bench"), exporter=Discard())
+        best = float("inf")
+        for _ in range(5):
+            start = time.process_time()
+            for _ in range(calls):
+                one(tracing, request_headers)
+            best = min(best, time.process_time() - start)
+        tracing.shutdown()
+        rows.append((name, best / calls * 1e6))
+    return rows
+
+
 def _before_tree(ref: str, into: Path) -> Path:
     """``git archive`` of REF's jwtproxy package into ``into`` (importable with PYTHONPATH)."""
     into.mkdir(parents=True, exist_ok=True)
@@ -87,7 +133,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--port-base", type=int, default=18880)
+    parser.add_argument("--calls", type=int, default=0, help="also time the tracing calls in-process (N per round)")
     args = parser.parse_args()
+    if args.calls:
+        print(f"{'tracing calls of one request':<34} {'CPU µs':>8}")
+        for name, us in tracing_calls_us(args.calls):
+            print(f"{name:<34} {us:8.1f}")
+        print()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (bash bench/setup.sh)")
     work = HERE / "work"
