@@ -261,7 +261,7 @@ async def test_counters_start_at_zero_and_a_rejection_counts_its_reason(
 
 
 ACCESS_LOG_FIELDS = {"time", "request_id", "method", "path", "status", "route", "upstream", "duration", "sub",
-                     "jti", "auth", "bytes_in", "bytes_out", "client"}
+                     "jti", "auth", "bytes_in", "bytes_out", "client", "listener"}
 
 
 @pytest.mark.slow
@@ -290,6 +290,7 @@ async def test_access_log_lines_of_real_requests(daemon: tuple[Daemon, int, int,
         assert set(line) == ACCESS_LOG_FIELDS, set(line) ^ ACCESS_LOG_FIELDS
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
         assert line["route"] == "/api" and line["upstream"] == "backend" and line["client"] == "127.0.0.1"
+        assert line["listener"] == "traffic"
         assert isinstance(line["duration"], float) and line["duration"] >= 0
     first, second, third = by_path["/api/orders"], by_path["/api/orders/2"], by_path["/api/orders/3"]
     assert (first["method"], first["status"], first["sub"], first["auth"]) == ("POST", 200, "alice", "ok")
