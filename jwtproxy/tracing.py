@@ -13,8 +13,11 @@ Theory of operation
   protobuf over HTTP).
 * A request is one SERVER span (:class:`RequestTrace`), parented on the incoming W3C
   ``traceparent``/``tracestate`` when valid. Its children: ``jwtproxy.verify`` (the call into the
-  verification stage), ``jwks fetch`` and ``introspection`` when a request made one happen, and
+  verification stage), ``jwks fetch`` when the request made one happen (an unknown ``kid``), and
   the upstream exchange (a CLIENT span from choosing a connection to the end of the response).
+  ``introspection.Introspector`` takes the tracer too and makes an ``introspection`` span per
+  call, which becomes a child the same way once the introspection client is called from the
+  request path (it is not yet).
   The upstream receives a ``traceparent`` naming that CLIENT span; a client's own
   ``traceparent``/``tracestate`` are never forwarded as they came.
 * Key fetches and introspection calls are shared by concurrent requests and run in tasks; they

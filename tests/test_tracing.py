@@ -21,11 +21,13 @@ from typing import Any, AsyncIterator
 import pytest
 from aiohttp import web
 
-from conftest import CODECS
 from daemon_harness import Daemon, http
 from helpers import AUDIENCE, ISSUER, AppServer, Backend, SigningKey, free_port, header_values
 
 pytestmark = pytest.mark.slow
+
+#: Both HTTP codecs, where a test sends traffic through the gateway (as tests/conftest.py has it).
+CODECS = ["httptools", "h11"]
 
 try:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
