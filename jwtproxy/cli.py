@@ -92,7 +92,7 @@ async def _verify(config: Config, token: str, issuer: str | None, route_path: st
     from dataclasses import replace
 
     from jwtproxy.auth import Allow, Deny, Pending, RouteRules
-    from jwtproxy.config import RouteConfig
+    from jwtproxy.config import RouteConfig, TracingConfig
     from jwtproxy.revocation import open_store
     from jwtproxy.worker import build_worker
 
@@ -101,8 +101,9 @@ async def _verify(config: Config, token: str, issuer: str | None, route_path: st
         if not issuers:
             return {"verdict": "rejected", "reason": f"no issuer named {issuer!r} in the config"}
         config = replace(config, issuers=issuers)
-    # Every verdict from a full verification: one token, nothing worth caching.
-    config = replace(config, token=replace(config.token, cache_size=0))
+    # Every verdict from a full verification: one token, nothing worth caching; and not traced
+    # (a one-off command would start, then wait on, an exporter for one span).
+    config = replace(config, token=replace(config.token, cache_size=0), tracing=TracingConfig())
     # The configured store, so revocations count; its log stays quiet (stdout is the verdict).
     worker = build_worker(config, store=open_store(config.revocation, lambda *a, **k: None))
     route: RouteConfig
