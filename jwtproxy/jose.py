@@ -18,6 +18,16 @@ token and rejects everything else with :class:`TokenRejected` before any key is 
    names (RFC 7515 §4: a duplicate-tolerant parser would let two parsers disagree on the claims),
    no ``NaN``/``Infinity`` literals, and a bounded nesting depth (:data:`MAX_JSON_DEPTH`) so no
    later recursive walk (rendering identity headers, ``json.dumps``) can hit a RecursionError.
+   The definition is :func:`_strict_json` (the standard library's parser with the hooks of
+   :mod:`jwtproxy.strictjson`). :func:`_canonical_json` is a shortcut in C for the spelling
+   issuers use: ``orjson`` parses the segment and writes the value back; when that output is the
+   segment byte for byte, the segment is the one compact spelling of that value, so no object in
+   it names a member twice (the output names each member once), no number is out of range or
+   non-finite (those come back spelled differently, or not at all), and the standard library
+   would read the same value. Anything else -- whitespace, an escaped ``/``, ``1E5``,
+   big integers, duplicates, invalid input -- takes the strict parser, which alone decides
+   rejections. The shortcut saves ~2 µs per token and keeps the member names of every cached
+   verdict shared (orjson reuses key strings).
 5. *Header.* ``alg`` is a string. ``crit`` (RFC 7515 §4.1.11: we understand no extension),
    ``b64`` (RFC 7797 unencoded payloads) and ``cty: JWT`` (RFC 7519 §5.2 nested tokens) are
    rejected; ``kid`` and ``typ`` must be strings when present.
@@ -34,6 +44,8 @@ from __future__ import annotations
 import binascii
 from dataclasses import dataclass
 from typing import Any, Final
+
+import orjson
 
 from jwtproxy.strictjson import DECODER, DuplicateMember
 
@@ -142,21 +154,38 @@ def _too_deep(value: Any) -> bool:
     return False
 
 
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
+def _strict_json(data: bytes, what: str) -> Any:
+    """The JSON value of ``data`` by the rules of the module docstring, or :class:`TokenRejected`."""
     try:
         # Decoded explicitly as UTF-8 (RFC 7519 §7.2): json.loads(bytes) would also accept UTF-16/32.
-        text = data.decode("utf-8")
-        value = DECODER.decode(text)
+        return DECODER.decode(data.decode("utf-8"))
     except RecursionError:
         raise _malformed(f"token {what} nests too deeply") from None
     except DuplicateMember:  # the member's name is token content: never echoed
         raise _malformed(f"duplicate member name in token {what}") from None
     except ValueError:  # UnicodeDecodeError, JSONDecodeError, non-finite constants, huge ints
         raise _malformed(f"token {what} is not valid JSON") from None
+
+
+def _canonical_json(data: bytes) -> Any:
+    """The value of ``data`` if ``data`` is its own compact orjson spelling, else None (the caller
+    then asks :func:`_strict_json`). See the module docstring for why this reads exactly what
+    the strict parser reads."""
+    try:
+        value = orjson.loads(data)
+        return value if orjson.dumps(value) == data else None
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):  # invalid, or nested past orjson's limit
+        return None
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    value = _canonical_json(data)
+    if value is None:  # also a literal "null": the strict parser says what is wrong with it
+        value = _strict_json(data, what)
     if not isinstance(value, dict):
         raise _malformed(f"token {what} is not a JSON object")
     # Cheap bound first: fewer brackets than the limit cannot nest deeper than it.
-    if text.count("{") + text.count("[") > MAX_JSON_DEPTH and _too_deep(value):
+    if data.count(b"{") + data.count(b"[") > MAX_JSON_DEPTH and _too_deep(value):
         raise _malformed(f"token {what} nests too deeply")
     return value
 
@@ -188,9 +217,8 @@ _HEADERS: dict[bytes, dict[str, Any]] = {}
 _HEADERS_MAX = 256
 
 
-def parse_jws(token: str, max_bytes: int) -> ParsedJWS:
-    """Parse a compact JWS with every strictness rule of the module docstring except that the
-    payload may be arbitrary bytes. Raises :class:`TokenRejected`."""
+def _split(token: str, max_bytes: int) -> tuple[dict[str, Any], bytes, bytes, bytes]:
+    """``(header, payload bytes, signing input, signature)`` of a compact JWS; see :func:`parse_jws`."""
     if len(token) > max_bytes:
         raise TokenRejected("token_too_large", "token too large")
     dots = token.count(".")
@@ -221,7 +249,13 @@ def parse_jws(token: str, max_bytes: int) -> ParsedJWS:
         _HEADERS[h64] = header
     elif payload is None or signature is None:
         raise _malformed("token segment is not canonical base64url")
-    signing_input = raw[: len(h64) + 1 + len(p64)]
+    return header, payload, raw[: len(h64) + 1 + len(p64)], signature
+
+
+def parse_jws(token: str, max_bytes: int) -> ParsedJWS:
+    """Parse a compact JWS with every strictness rule of the module docstring except that the
+    payload may be arbitrary bytes. Raises :class:`TokenRejected`."""
+    header, payload, signing_input, signature = _split(token, max_bytes)
     return ParsedJWS(header, payload, signing_input, signature, token)
 
 
@@ -230,8 +264,7 @@ def parse_compact(token: str, max_bytes: int) -> ParsedToken:
 
     Nothing here is trusted yet: the caller must verify the signature over ``signing_input``.
     """
-    jws = parse_jws(token, max_bytes)
-    if not jws.payload:
+    header, payload, signing_input, signature = _split(token, max_bytes)
+    if not payload:
         raise _malformed("token payload is empty")
-    claims = _json_object(jws.payload, "payload")
-    return ParsedToken(jws.header, claims, jws.signing_input, jws.signature, jws.raw)
+    return ParsedToken(header, _json_object(payload, "payload"), signing_input, signature, token)
