@@ -33,6 +33,9 @@ __all__ = ["render_claim", "render_identity_headers"]
 
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# Header names (from the configuration, so a bounded set) as bytes: one object shared by every
+# cached verdict instead of a copy in each.
+_NAMES: dict[str, bytes] = {}
 
 
 def _bad() -> TokenRejected:
@@ -60,6 +63,8 @@ def _strings_ok(value: Any) -> bool:
 def render_claim(value: Any) -> str:
     """The header text for one claim value; raises ``TokenRejected("bad_claim_value")``."""
     if isinstance(value, str):
+        if value.isascii() and value.isprintable():  # U+0020..U+007E only: nothing to refuse
+            return value
         text = value
     elif isinstance(value, list) and all(isinstance(v, str) for v in value):
         text = " ".join(value)
@@ -91,5 +96,8 @@ def render_identity_headers(claims: dict[str, Any], mapping: tuple[tuple[str, st
             encoded = render_claim(value).encode("utf-8")
         except UnicodeEncodeError:
             raise _bad() from None
-        out.append((header.encode("ascii"), encoded))
+        name = _NAMES.get(header)
+        if name is None:
+            name = _NAMES[header] = header.encode("ascii")
+        out.append((name, encoded))
     return out
