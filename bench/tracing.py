@@ -171,7 +171,7 @@ def main() -> int:
                     config = render(TEMPLATE, tmpdir / f"{rep}-{len(results[name])}-{name[:3]}.toml", {
                         "PORT": str(port), "ADMIN_PORT": str(admin), "PARSER": "httptools", "CACHE_SIZE": "10000",
                         "ISSUER": ISSUER, "JWKS": str(keys.jwks), "AUDIENCE": AUDIENCE,
-                        "UPSTREAM_PORT": str(origin_port), "WORK": str(tmpdir),
+                        "UPSTREAM_PORT": str(origin_port), "WORK": str(tmpdir), "ASSERTION": "", "AUTHZ": "",
                     })
                     if tracing:
                         config.write_text(config.read_text() + f"\n[tracing]\n{tracing}\n")

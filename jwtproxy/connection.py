@@ -764,7 +764,7 @@ class ClientConnection(asyncio.Protocol):
             # Contract §5.4: every request forwarded with a verified token; reused per
             # (token, upstream), so a cache-hit request costs a dict lookup here, not a signature.
             assertion = signer.assertion(allow.token_key, runtime.pool.name, allow.claims, allow.exp, time.time())
-        identity = ex.auth.identity
+        identity = allow.identity
         drop = runtime.drop_names if self.trusted_peer else runtime.drop_untrusted
         if ex.trace is not None:
             # The client's trace headers give way to ours, naming the upstream exchange's span.
