@@ -267,13 +267,27 @@ class RouteRules:
             raise ValueError("a route that requires bound tokens needs the issuers to name them")
 
 
+# Tokens of one client carry the same ``scope`` string: one frozenset per distinct string, shared by
+# every cached verdict (~320 bytes each otherwise). Bounded: a flood of distinct strings only
+# empties it.
+_SCOPE_SETS: dict[str, frozenset[str]] = {}
+_SCOPE_SETS_MAX = 4096
+
+
 def token_scopes(claims: Mapping[str, Any]) -> frozenset[str]:
     """Scopes granted by ``scope`` (space-separated string, RFC 8693) and ``scp`` (array or string)."""
-    granted: set[str] = set()
     scope = claims.get("scope")
+    scp = claims.get("scp")
+    if scp is None and isinstance(scope, str):
+        shared = _SCOPE_SETS.get(scope)
+        if shared is None:
+            if len(_SCOPE_SETS) >= _SCOPE_SETS_MAX:
+                _SCOPE_SETS.clear()
+            shared = _SCOPE_SETS[scope] = frozenset(scope.split())
+        return shared
+    granted: set[str] = set()
     if isinstance(scope, str):
         granted.update(scope.split())
-    scp = claims.get("scp")
     if isinstance(scp, str):
         granted.update(scp.split())
     elif isinstance(scp, list):

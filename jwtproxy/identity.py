@@ -28,14 +28,18 @@ import re
 from typing import Any, Final
 
 from jwtproxy.jose import TokenRejected
+from jwtproxy.tokencache import Repeats
 
 __all__ = ["render_claim", "render_identity_headers"]
 
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-# Header names (from the configuration, so a bounded set) as bytes: one object shared by every
-# cached verdict instead of a copy in each.
+# Header names (from the configuration, so a bounded set) as bytes, and rendered (name, value)
+# pairs of string claims whose values repeat (a role, a scope string): one object shared by every
+# cached verdict instead of a copy in each. A pair is a function of its header and claim value
+# alone, and only values that rendered without error are remembered.
 _NAMES: dict[str, bytes] = {}
+_PAIRS = Repeats()
 
 
 def _bad() -> TokenRejected:
@@ -92,12 +96,17 @@ def render_identity_headers(claims: dict[str, Any], mapping: tuple[tuple[str, st
         value = claims.get(claim)
         if value is None:
             continue
-        try:
-            encoded = render_claim(value).encode("utf-8")
-        except UnicodeEncodeError:
-            raise _bad() from None
-        name = _NAMES.get(header)
-        if name is None:
-            name = _NAMES[header] = header.encode("ascii")
-        out.append((name, encoded))
+        pair = _PAIRS.lookup(header, value) if type(value) is str else None
+        if pair is None:
+            try:
+                encoded = render_claim(value).encode("utf-8")
+            except UnicodeEncodeError:
+                raise _bad() from None
+            name = _NAMES.get(header)
+            if name is None:
+                name = _NAMES[header] = header.encode("ascii")
+            pair = (name, encoded)
+            if type(value) is str:
+                _PAIRS.remember(header, value, pair)
+        out.append(pair)
     return out

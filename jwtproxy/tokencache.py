@@ -14,6 +14,13 @@ Theory of operation
   ``size == 0`` disables the cache (``get`` always misses, ``put`` stores nothing).
 * *Key rotation.* ``evict_issuer(name)`` drops every verdict of that issuer (contract §4: a changed
   key set empties the issuer's cached verdicts).
+* *Shared parts.* Most of an entry's bytes are the token's claims and the headers rendered from
+  them, and many of those repeat from token to token (``iss``, ``aud``, a role, a scope string).
+  :class:`Repeats` lets the verifier and the identity renderer keep one object per repeated value
+  per kind (claim name, header), and gives up on a kind once it has seen
+  :attr:`Repeats.per_kind` distinct values (``sub``, ``jti``), after which that kind costs one
+  dict lookup. Only verified tokens reach it, so no client can fill it. ``bench/growth.py cache``
+  measures the bytes per entry.
 
 Sans-I/O: ``now`` is a parameter; no clock is read here.
 """
@@ -22,9 +29,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar, cast
 
-__all__ = ["CacheableVerdict", "TokenCache", "cache_key"]
+__all__ = ["CacheableVerdict", "Repeats", "TokenCache", "cache_key"]
 
 
 class CacheableVerdict(Protocol):
@@ -39,6 +46,7 @@ class CacheableVerdict(Protocol):
 
 
 E = TypeVar("E", bound=CacheableVerdict)
+V = TypeVar("V")
 
 
 def cache_key(token: str) -> bytes:
@@ -91,3 +99,52 @@ class TokenCache(Generic[E]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+_GIVEN_UP: Final[dict[Any, Any]] = {}  # marks a kind whose values do not repeat (never written to)
+
+
+class Repeats:
+    """One shared object per (kind, key) for kinds whose keys repeat (see the module docstring)."""
+
+    __slots__ = ("per_kind", "max_kinds", "_memo")
+
+    def __init__(self, per_kind: int = 64, max_kinds: int = 256) -> None:
+        self.per_kind = per_kind
+        self.max_kinds = max_kinds
+        self._memo: dict[str, dict[Any, Any]] = {}
+
+    def lookup(self, kind: str, key: Any) -> Any:
+        """The object remembered for ``key`` of ``kind``, else None."""
+        memo = self._memo.get(kind)
+        return None if memo is None else memo.get(key)
+
+    def remember(self, kind: str, key: Any, value: V) -> V:
+        """Remember ``value`` for ``key`` unless ``kind`` has proved not to repeat; returns ``value``."""
+        memo = self._memo.get(kind)
+        if memo is None:
+            if len(self._memo) >= self.max_kinds:
+                return value
+            memo = self._memo[kind] = {}
+        elif memo is _GIVEN_UP:
+            return value
+        if len(memo) >= self.per_kind:
+            self._memo[kind] = _GIVEN_UP  # a per-token value (sub, jti): stop paying for it
+            return value
+        memo[key] = value
+        return value
+
+    def share_strings(self, claims: dict[str, Any]) -> None:
+        """Replace each string value of ``claims`` by the equal string seen before for that claim."""
+        memo = self._memo
+        for name, value in claims.items():
+            if type(value) is not str:
+                continue
+            seen = memo.get(name)
+            if seen is _GIVEN_UP:
+                continue
+            shared = None if seen is None else seen.get(value)
+            if shared is None:
+                self.remember(name, value, value)
+            elif shared is not value:
+                claims[name] = cast(str, shared)  # same keys: allowed while iterating

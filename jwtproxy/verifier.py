@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from jwtproxy.jose import ParsedJWS, ParsedToken, TokenRejected, parse_compact
 from jwtproxy.keys import HMAC_ALGORITHMS, KeySet, SignatureVerifier, keyset_from_secret
+from jwtproxy.tokencache import Repeats
 
 if TYPE_CHECKING:
     from jwtproxy.config import IssuerConfig
@@ -278,6 +279,10 @@ class IssuerVerifier:
         return Verified(self.issuer, claims, exp, iat, sub, jti, audience)
 
 
+#: Repeated claim values of verified tokens, shared (see :class:`jwtproxy.tokencache.Repeats`).
+CLAIM_VALUES = Repeats()
+
+
 class TokenVerifier:
     """All issuers of one worker. Key sets arrive through :meth:`set_keyset` (from the JWKS
     shell); :meth:`verify` is synchronous, pure and reads no clock."""
@@ -326,4 +331,7 @@ class TokenVerifier:
         iv = self._by_iss.get(iss) if isinstance(iss, str) else None
         if iv is None or (allowed_issuers is not None and iv.name not in allowed_issuers):
             raise TokenRejected("issuer_not_allowed", "issuer not allowed")
-        return iv.verify(parsed, now)
+        verified = iv.verify(parsed, now)
+        # Verified claims are kept (token cache): their repeated values (iss, aud, ...) as one object.
+        CLAIM_VALUES.share_strings(verified.claims)
+        return verified
