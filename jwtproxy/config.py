@@ -53,6 +53,7 @@ from jwtproxy.assertion import GATEWAY_CLAIMS, AssertionKey, AssertionKeyError, 
 from jwtproxy.forwarded import parse_networks
 from jwtproxy.upstream_tls import context_problem
 from jwtproxy.routing import BadRequest, normalise_path
+from jwtproxy.upstream_tls import context_problem
 
 __all__ = [
     "AdminConfig",
@@ -186,19 +187,24 @@ class TokenConfig:
 
 @dataclass(frozen=True, slots=True)
 class IssuerConfig:
-    """One trusted token issuer. Exactly one of ``jwks_uri``, ``discovery``, ``jwks_file`` is
-    non-empty; ``hs_secret`` is non-empty exactly when ``algorithms`` contains an HS algorithm."""
+    """One trusted token issuer. Exactly one key source (``jwks_uri``, one or more URLs;
+    ``discovery``; ``jwks_file``) is set, or none when ``introspection_endpoint`` is set (then at
+    most one); ``hs_secret`` is non-empty exactly when ``algorithms`` contains an HS algorithm.
+    With ``introspection_endpoint`` set, ``introspection_client_id`` and
+    ``introspection_client_secret`` are non-empty. ``ca_file`` is a loadable PEM bundle, set only
+    when something is fetched over the network."""
 
     name: str
     issuer: str
-    jwks_uri: str = ""
+    jwks_uri: tuple[str, ...] = ()  # written as one URL or a list; each source refreshed on its own
     discovery: str = ""
     jwks_file: str = ""
     audiences: tuple[str, ...] = ()
+    aud_claim: str = "aud"  # the claim holding the audience (Cognito access tokens: "client_id")
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     leeway: float = 30.0
     max_lifetime: float = 0.0  # 0 = unbounded
-    required_claims: tuple[str, ...] = ("exp",)
+    required_claims: tuple[str, ...] = ("exp", "sub")
     typ: tuple[str, ...] = ()  # empty = any JOSE typ
     hs_secret: bytes = field(default=b"", repr=False)
     jwks_refresh: float = 300.0
@@ -207,6 +213,16 @@ class IssuerConfig:
     dpop_algorithms: tuple[str, ...] = DPOP_DEFAULT_ALGORITHMS
     dpop_max_age: float = 60.0
     dpop_nonce: bool = False
+    introspection_endpoint: str = ""  # RFC 7662; set = tokens that are not JWS are introspected
+    introspection_client_id: str = ""
+    introspection_client_secret: str = field(default="", repr=False)
+    introspection_cache: float = 60.0  # seconds an active answer is reused (never past its exp)
+    ca_file: str = ""  # PEM bundle verifying this issuer's discovery, JWKS and introspection fetches
+
+    @property
+    def fetches_keys(self) -> bool:
+        """Whether the issuer has a JWKS source (else: HMAC only, or introspection only)."""
+        return bool(self.jwks_uri or self.discovery or self.jwks_file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +235,7 @@ class RouteConfig:
     upstream: str = ""
     auth: Literal["required", "optional", "off"] = "required"
     issuers: tuple[str, ...] = ()  # empty = every configured issuer
+    audiences: tuple[str, ...] = ()  # non-empty: replaces the issuers' audiences on this route
     require_scopes: tuple[str, ...] = ()
     require_claims: tuple[tuple[str, tuple[str, ...]], ...] = ()
     forward_token: bool = True
@@ -376,7 +393,8 @@ def parse_config(data: Mapping[str, Any], filename: str, env: Mapping[str, str] 
     issuer_names = _declared_issuer_names(issuer_entries)
     raw_upstreams = data.get("upstream", {})
     upstream_names = list(raw_upstreams) if isinstance(raw_upstreams, dict) else None
-    routes = _parse_routes(p, root.array_of_tables("route"), issuer_names, upstream_names)
+    introspecting = _declared_introspecting_issuers(issuer_entries)
+    routes = _parse_routes(p, root.array_of_tables("route"), issuer_names, upstream_names, introspecting)
     claims_to_headers = _parse_claims_to_headers(p, root, token)
     revocation = _parse_revocation(p, root.table("revocation", _REVOCATION_KEYS))
     assertion = _parse_assertion(p, root.table("assertion", _ASSERTION_KEYS), token, claims_to_headers)
@@ -653,13 +671,15 @@ _ADMIN_KEYS = ("listen", "token")
 _AUTHZ_KEYS = ("listen", "path_prefix")
 _TOKEN_KEYS = ("max_bytes", "cache_size", "sources")
 _ISSUER_KEYS = (
-    "name", "issuer", "jwks_uri", "discovery", "jwks_file", "audiences", "algorithms", "leeway",
-    "max_lifetime", "required_claims", "typ", "hs_secret", "jwks_refresh", "jwks_cooldown",
+    "name", "issuer", "jwks_uri", "discovery", "jwks_file", "audiences", "aud_claim", "algorithms",
+    "leeway", "max_lifetime", "required_claims", "typ", "hs_secret", "jwks_refresh", "jwks_cooldown",
     "token_binding", "dpop_algorithms", "dpop_max_age", "dpop_nonce",
+    "introspection_endpoint", "introspection_client_id", "introspection_client_secret",
+    "introspection_cache", "ca_file",
 )  # fmt: skip
 _ROUTE_KEYS = (
-    "path_prefix", "host", "upstream", "auth", "issuers", "require_scopes", "require_claims",
-    "forward_token", "strip_prefix", "cors_preflight", "token_binding",
+    "path_prefix", "host", "upstream", "auth", "issuers", "audiences", "require_scopes",
+    "require_claims", "forward_token", "strip_prefix", "cors_preflight", "token_binding",
 )  # fmt: skip
 _UPSTREAM_KEYS = (
     "targets", "connect_timeout", "response_timeout", "idle_timeout", "max_idle", "preserve_host",
@@ -1036,20 +1056,38 @@ def _parse_issuer(t: _Table, names: dict[str, str], issuer_values: dict[str, str
         else:
             issuer_values[iss] = t.path
 
-    key_sources = {k: t.string(k) for k in ("jwks_uri", "discovery", "jwks_file")}
-    for key in ("jwks_uri", "discovery"):
-        if key_sources[key]:
-            err = _check_http_url(key_sources[key])
-            if err:
-                t.fail(key, err)
-    if t.ok("jwks_uri", "discovery", "jwks_file"):
+    jwks_uris = _jwks_uris(t)
+    discovery, jwks_file = t.string("discovery"), t.string("jwks_file")
+    key_sources = {"jwks_uri": bool(jwks_uris), "discovery": bool(discovery), "jwks_file": bool(jwks_file)}
+    if discovery:
+        err = _check_http_url(discovery)
+        if err:
+            t.fail("discovery", err)
+
+    introspection = _parse_introspection(t)
+    if t.ok("jwks_uri", "discovery", "jwks_file", "introspection_endpoint"):
         given = [k for k, v in key_sources.items() if v]
-        if not given:
-            t.p.add(t.path, "one of jwks_uri, discovery or jwks_file is required")
-        elif len(given) > 1:
+        if len(given) > 1:
             t.p.add(t.path, f"set only one of jwks_uri, discovery or jwks_file (got {' and '.join(given)})")
+        elif not given and not introspection[0]:
+            # An introspecting issuer may do without keys: its tokens are judged by the endpoint.
+            t.p.add(t.path, "one of jwks_uri, discovery or jwks_file is required (or introspection_endpoint)")
+
+    ca_file = t.string("ca_file")
+    if ca_file:
+        problem = context_problem(ca_file=ca_file)
+        if problem:
+            t.fail("ca_file", problem)
+        elif t.ok("jwks_uri", "discovery", "introspection_endpoint") and not (
+            jwks_uris or discovery or introspection[0]
+        ):
+            t.fail("ca_file", "has no effect: nothing of this issuer is fetched (jwks_uri, discovery or "
+                              "introspection_endpoint)")
 
     audiences = t.strings("audiences", required=True, nonempty=True)
+    aud_claim = t.string("aud_claim", d.aud_claim)
+    if "aud_claim" in t.data and not aud_claim and t.ok("aud_claim"):
+        t.fail("aud_claim", "must not be empty")
 
     algorithms: list[str] = []
     for path, alg in t.strings("algorithms", d.algorithms, nonempty=True):
@@ -1098,10 +1136,11 @@ def _parse_issuer(t: _Table, names: dict[str, str], issuer_values: dict[str, str
     return IssuerConfig(
         name=name,
         issuer=iss,
-        jwks_uri=key_sources["jwks_uri"],
-        discovery=key_sources["discovery"],
-        jwks_file=key_sources["jwks_file"],
+        jwks_uri=jwks_uris,
+        discovery=discovery,
+        jwks_file=jwks_file,
         audiences=_values(audiences),
+        aud_claim=aud_claim,
         algorithms=tuple(algorithms),
         leeway=leeway,
         max_lifetime=max_lifetime,
@@ -1114,11 +1153,72 @@ def _parse_issuer(t: _Table, names: dict[str, str], issuer_values: dict[str, str
         dpop_algorithms=tuple(dpop_algorithms),
         dpop_max_age=dpop_max_age,
         dpop_nonce=dpop_nonce,
+        introspection_endpoint=introspection[0],
+        introspection_client_id=introspection[1],
+        introspection_client_secret=introspection[2],
+        introspection_cache=introspection[3],
+        ca_file=ca_file,
     )
+
+
+def _jwks_uris(t: _Table) -> tuple[str, ...]:
+    """``jwks_uri``: one URL, or a non-empty list of distinct URLs (keys merged)."""
+    raw = t.data.get("jwks_uri", "")
+    if isinstance(raw, str):
+        if not raw:
+            return ()
+        err = _check_http_url(raw)
+        if err:
+            t.fail("jwks_uri", err)
+            return ()
+        return (raw,)
+    if not isinstance(raw, list):
+        t.bad_type("jwks_uri", "a URL or an array of URLs")
+        return ()
+    urls: list[str] = []
+    for path, url in t.strings("jwks_uri", nonempty=True):
+        err = _check_http_url(url)
+        if err:
+            t.fail("jwks_uri", err, path)
+        else:
+            urls.append(url)
+    return tuple(urls) if t.ok("jwks_uri") else ()
+
+
+def _parse_introspection(t: _Table) -> tuple[str, str, str, float]:
+    """``introspection_*``: (endpoint, client id, client secret, cache seconds); the endpoint is
+    "" when introspection is off, and then no other introspection key may be set."""
+    d = _D_ISSUER
+    endpoint = t.string("introspection_endpoint")
+    client_id = t.secret("introspection_client_id")
+    client_secret = t.secret("introspection_client_secret")
+    cache = t.duration("introspection_cache", d.introspection_cache, positive=True)
+    if endpoint:
+        err = _check_http_url(endpoint)
+        if err:
+            t.fail("introspection_endpoint", err)
+        # RFC 7662 §2.1: the endpoint requires the caller to authenticate (client_secret_basic).
+        for key, value in (("introspection_client_id", client_id), ("introspection_client_secret", client_secret)):
+            if not value and t.ok(key):
+                t.fail(key, "is required with introspection_endpoint (client_secret_basic credentials)")
+    elif t.ok("introspection_endpoint"):
+        for key in ("introspection_client_id", "introspection_client_secret", "introspection_cache"):
+            if key in t.data:
+                t.fail(key, "has no effect without introspection_endpoint")
+    return endpoint, client_id, client_secret, cache
 
 
 def _values(entries: list[tuple[str, str]]) -> tuple[str, ...]:
     return tuple(v for _, v in entries)
+
+
+def _declared_introspecting_issuers(entries: list[tuple[str, dict[str, Any]]] | None) -> list[str]:
+    """Names of the issuers written with an ``introspection_endpoint``, in file order."""
+    return [
+        data["name"] for _, data in entries or ()
+        if isinstance(data.get("name"), str) and data["name"]
+        and isinstance(data.get("introspection_endpoint"), str) and data["introspection_endpoint"]
+    ]
 
 
 def _declared_issuer_names(entries: list[tuple[str, dict[str, Any]]] | None) -> list[str] | None:
@@ -1218,6 +1318,7 @@ def _parse_routes(
     entries: list[tuple[str, dict[str, Any]]] | None,
     issuer_names: list[str] | None,
     upstream_names: list[str] | None,
+    introspecting: Sequence[str] = (),
 ) -> list[RouteConfig] | None:
     if entries is None:
         return None
@@ -1228,7 +1329,7 @@ def _parse_routes(
     seen: dict[tuple[str, str], str] = {}
     n = len(p.items)
     for path, data in entries:
-        route = _parse_route(_Table(p, path, data, _ROUTE_KEYS), issuer_names, upstream_names)
+        route = _parse_route(_Table(p, path, data, _ROUTE_KEYS), issuer_names, upstream_names, introspecting)
         if route is None:
             continue
         key = (route.host, route.path_prefix)
@@ -1240,7 +1341,9 @@ def _parse_routes(
     return out if len(p.items) == n else None
 
 
-def _parse_route(t: _Table, issuer_names: list[str] | None, upstream_names: list[str] | None) -> RouteConfig | None:
+def _parse_route(
+    t: _Table, issuer_names: list[str] | None, upstream_names: list[str] | None, introspecting: Sequence[str] = ()
+) -> RouteConfig | None:
     n = len(t.p.items)
     d = _D_ROUTE
 
@@ -1271,6 +1374,17 @@ def _parse_route(t: _Table, issuer_names: list[str] | None, upstream_names: list
             if name not in issuer_names:
                 hint = _hint(name, issuer_names) or _known(issuer_names, "[[issuer]]")
                 t.fail("issuers", f"unknown issuer '{name}'{hint}", path)
+    if t.ok("issuers", "auth") and auth != "off":
+        # An opaque token names no issuer: with two introspecting issuers allowed, which endpoint
+        # should see it? Guessing would hand tokens to the wrong party; refuse the config.
+        allowed = [name for name in introspecting if not route_issuers or name in _values(route_issuers)]
+        if len(allowed) > 1:
+            where = "issuers" if route_issuers else "auth"
+            scope = "allows" if route_issuers else "allows every issuer, so"
+            t.fail(where, f"{scope} {len(allowed)} introspecting issuers ({', '.join(allowed)}); "
+                          "a route may allow at most one (name it in issuers)")
+
+    route_audiences = t.strings("audiences", d.audiences)
 
     scopes = t.strings("require_scopes", d.require_scopes)
     for path, scope in scopes:
@@ -1282,7 +1396,7 @@ def _parse_route(t: _Table, issuer_names: list[str] | None, upstream_names: list
     if auth == "off" and t.ok("auth"):
         # Requirements on an unauthenticated route would never be checked: the operator meant
         # something else, and silently ignoring it is exactly the weakening we refuse.
-        for key in ("issuers", "require_scopes", "require_claims", "token_binding"):
+        for key in ("issuers", "audiences", "require_scopes", "require_claims", "token_binding"):
             if t.data.get(key):
                 t.fail(key, 'has no effect with auth = "off"')
 
@@ -1298,6 +1412,7 @@ def _parse_route(t: _Table, issuer_names: list[str] | None, upstream_names: list
         upstream=upstream,
         auth=auth,
         issuers=_values(route_issuers),
+        audiences=_values(route_audiences),
         require_scopes=_values(scopes),
         require_claims=claims,
         forward_token=forward_token,

@@ -138,7 +138,7 @@ def _demo_parts(config: Config) -> tuple[str, str, int, str, int]:
     issuer = next((i for i in config.issuers if i.name == "demo"), None)
     if issuer is None or not issuer.jwks_uri:
         raise ValueError("the config has no [[issuer]] named 'demo' with a jwks_uri (is this a demo config?)")
-    jwks = urlparse(issuer.jwks_uri)
+    jwks = urlparse(issuer.jwks_uri[0])
     backend = config.upstreams.get("demo")
     if backend is None:
         raise ValueError("the config has no [upstream.demo]")

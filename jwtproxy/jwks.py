@@ -5,9 +5,9 @@ This is the I/O shell around the sans-I/O ``keys.py``: it reads the network (aio
 
 Theory of operation
 -------------------
-Each configured issuer has one ``_Issuer`` state and exactly one *source*:
+Each configured issuer has one ``_Issuer`` state holding one ``_Source`` state per *source*:
 
-* ``jwks_uri``  -- GET the JWK Set (RFC 7517 §5);
+* ``jwks_uri``  -- GET the JWK Set (RFC 7517 §5); written as a list, one source per URL;
 * ``discovery`` -- GET the OpenID Connect / RFC 8414 metadata, whose ``issuer`` must equal the
   configured issuer exactly (RFC 8414 §3.3, OIDC Discovery §4.3), then GET its ``jwks_uri``;
 * ``jwks_file`` -- read from disk at start, and again when a token names an unknown ``kid``
@@ -15,7 +15,17 @@ Each configured issuer has one ``_Issuer`` state and exactly one *source*:
 * no JWKS source (an HMAC-only issuer) -- nothing to fetch: the verifier builds the HMAC keys
   from ``hs_secret`` itself (``keys.keyset_from_secret``), so the issuer counts as loaded. For an
   issuer with ``hs_secret`` *and* a JWKS source, the HMAC keys likewise live in the verifier and
-  this module only manages the JWKS part.
+  this module only manages the JWKS part. An issuer with ``introspection_endpoint`` and no key
+  source counts as loaded too: its tokens are judged by its endpoint.
+
+Several sources (``jwks_uri`` as a list) are independent: each is fetched, scheduled, backed off
+and remembered on its own, and a failing one keeps its last good keys while the others refresh.
+What the verifier gets is their union (``keys.merge_sources``): each distinct key once, and a
+``kid`` that two sources publish with different keys refused (logged as ``jwks_kid_conflict``).
+The invariants below hold per source, and invariant 2 for the merged set.
+
+Fetches of an issuer with ``ca_file`` verify TLS against that bundle only
+(``upstream_tls.client_context``).
 
 Invariants:
 
@@ -58,6 +68,7 @@ import asyncio
 import hashlib
 import json
 import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,13 +80,14 @@ from yarl import URL
 from jwtproxy import __version__
 from jwtproxy.accesslog import echo, log_event
 from jwtproxy.config import IssuerConfig
-from jwtproxy.keys import KeySet, keyset_from_jwks
+from jwtproxy.keys import KeySet, keyset_from_jwks, merge_sources
 from jwtproxy.tracing import OperationTracer
+from jwtproxy.upstream_tls import client_context
 
 __all__ = ["FetchError", "FetchPolicy", "KeyManager", "KeySink", "cache_max_age"]
 
 Log = Callable[[str], None]
-SourceKind = Literal["jwks_uri", "discovery", "jwks_file", "hs_secret"]
+SourceKind = Literal["jwks_uri", "discovery", "jwks_file", "hs_secret", "introspection"]
 ParseJwks = Callable[[dict[str, Any], IssuerConfig, Log], KeySet]
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -161,11 +173,11 @@ def _key_list(keyset: KeySet) -> list[dict[str, str | None]]:
     return [{"kid": kid or None, "alg": alg} for kid, alg in pairs]
 
 
-def _empty_is_failure(keyset: KeySet, st: _Issuer) -> bool:
+def _empty_is_failure(keyset: KeySet, src: _Source) -> bool:
     """Invariant 1: an empty key set only replaces "no JWKS keys" of an issuer with hs_secret."""
     if len(keyset):
         return False
-    return not st.cfg.hs_secret or (st.keyset is not None and len(st.keyset) > 0)
+    return not src.cfg.hs_secret or (src.keyset is not None and len(src.keyset) > 0)
 
 
 def _describe(exc: Exception) -> str:
@@ -177,38 +189,60 @@ def _describe(exc: Exception) -> str:
     return f"unexpected {type(exc).__name__}: {exc}"
 
 
-class _Issuer:
-    """Mutable per-issuer state; only KeyManager touches it, on the event loop thread."""
+class _Source:
+    """Mutable state of one key source; only KeyManager touches it, on the event loop thread."""
 
     __slots__ = (
-        "cfg", "kind", "source", "keyset", "last_success", "last_error", "last_failure",
-        "failures", "period", "next_delay", "next_refresh", "inflight", "last_refetch", "loop_task",
+        "cfg", "group", "kind", "source", "keyset", "last_success", "last_error", "last_failure",
+        "failures", "period", "next_delay", "next_refresh", "inflight", "loop_task",
     )  # fmt: skip
 
-    def __init__(self, cfg: IssuerConfig) -> None:
-        self.cfg = cfg
-        self.kind: SourceKind
-        if cfg.jwks_uri:
-            self.kind, self.source = "jwks_uri", cfg.jwks_uri
-        elif cfg.discovery:
-            self.kind, self.source = "discovery", cfg.discovery
-        elif cfg.jwks_file:
-            self.kind, self.source = "jwks_file", cfg.jwks_file
-        else:
-            self.kind, self.source = "hs_secret", "hs_secret"
-        self.keyset: KeySet | None = None
+    def __init__(self, group: _Issuer, kind: SourceKind, source: str) -> None:
+        self.cfg = group.cfg
+        self.group = group
+        self.kind: SourceKind = kind
+        self.source = source
+        self.keyset: KeySet | None = None  # this source's last good keys
         self.last_success: float | None = None  # wall clock, for humans reading /readyz
         self.last_error: str | None = None
         # (wall clock, reason) of the latest failure; unlike last_error it outlives a success,
         # so the status page can still say why tokens failed a while ago.
         self.last_failure: tuple[float, str] | None = None
         self.failures = 0  # consecutive
-        self.period: float = cfg.jwks_refresh  # current refresh period after a success
-        self.next_delay: float = cfg.jwks_refresh  # what the refresh task sleeps next
+        self.period: float = self.cfg.jwks_refresh  # current refresh period after a success
+        self.next_delay: float = self.cfg.jwks_refresh  # what the refresh task sleeps next
         self.next_refresh: float | None = None  # wall clock the refresh task wakes up at
         self.inflight: asyncio.Task[bool] | None = None
-        self.last_refetch: float | None = None  # monotonic start of the last unknown-kid refetch
         self.loop_task: asyncio.Task[None] | None = None
+
+
+class _Issuer:
+    """One issuer: its sources, the merged key set handed to the verifier, the refetch state."""
+
+    __slots__ = ("cfg", "kind", "sources", "keyset", "refused", "last_refetch", "refetch", "tls", "last_error")
+
+    def __init__(self, cfg: IssuerConfig) -> None:
+        self.cfg = cfg
+        self.kind: SourceKind
+        self.sources: list[_Source] = []
+        if cfg.jwks_uri:
+            self.kind = "jwks_uri"
+            self.sources = [_Source(self, "jwks_uri", url) for url in cfg.jwks_uri]
+        elif cfg.discovery:
+            self.kind = "discovery"
+            self.sources = [_Source(self, "discovery", cfg.discovery)]
+        elif cfg.jwks_file:
+            self.kind = "jwks_file"
+            self.sources = [_Source(self, "jwks_file", cfg.jwks_file)]
+        else:
+            self.kind = "introspection" if cfg.introspection_endpoint else "hs_secret"
+        self.keyset: KeySet | None = None  # what the verifier has: the sources' keys merged
+        self.refused: list[str] = []  # kids two sources publish with different keys
+        self.last_refetch: float | None = None  # monotonic start of the last unknown-kid refetch
+        self.refetch: asyncio.Task[bool] | None = None
+        # None: aiohttp's default verification against the system store.
+        self.tls = client_context(cfg.ca_file) if cfg.ca_file else None
+        self.last_error: str | None = None
         if self.kind == "hs_secret" and not cfg.hs_secret:
             self.last_error = "no key source: none of jwks_uri, discovery, jwks_file, hs_secret"
 
@@ -217,7 +251,43 @@ class _Issuer:
         """Whether tokens of this issuer can be verified (else the gateway answers 503)."""
         if self.kind == "hs_secret":
             return bool(self.cfg.hs_secret)  # the verifier holds the HMAC keys itself
+        if self.kind == "introspection":
+            return True  # tokens go to the endpoint; no key is needed
         return self.keyset is not None
+
+    def status(self) -> dict[str, Any]:
+        sources = self.sources
+        errors = [(src.source, src.last_error) for src in sources if src.last_error is not None]
+        if len(sources) <= 1:
+            last_error = errors[0][1] if errors else self.last_error
+        else:
+            last_error = "; ".join(f"{source}: {error}" for source, error in errors) or None
+        successes = [src.last_success for src in sources if src.last_success is not None]
+        failures = [src.last_failure for src in sources if src.last_failure is not None]
+        latest_failure = max(failures) if failures else None
+        refreshes = [src.next_refresh for src in sources if src.loop_task is not None and src.next_refresh is not None]
+        status: dict[str, Any] = {
+            "loaded": self.loaded,
+            "kids": _kids(self.keyset) if self.keyset is not None else [],
+            "keys": _key_list(self.keyset) if self.keyset is not None else [],
+            "last_success": max(successes) if successes else None,
+            "last_error": last_error,
+            "last_failure": None if latest_failure is None else {"at": latest_failure[0], "reason": latest_failure[1]},
+            "next_refresh": min(refreshes) if refreshes else None,
+            "source": ", ".join(src.source for src in sources) if sources else self.kind,
+            "kind": self.kind,
+        }
+        if len(sources) > 1:
+            status["sources"] = [
+                {"source": src.source, "loaded": src.keyset is not None,
+                 "kids": _kids(src.keyset) if src.keyset is not None else [],
+                 "last_success": src.last_success, "last_error": src.last_error,
+                 "next_refresh": src.next_refresh if src.loop_task is not None else None}
+                for src in sources
+            ]
+        if self.refused:
+            status["refused_kids"] = list(self.refused)
+        return status
 
 
 class KeyManager:
@@ -290,16 +360,16 @@ class KeyManager:
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
         self._running = True
-        fetched = [st for st in self._issuers.values() if st.kind != "hs_secret"]
-        await asyncio.gather(*(self._shared_load(st) for st in fetched))
-        for st in fetched:
-            if st.keyset is None and st.kind != "jwks_file":
-                self._restore_last_good(st)
-        for st in fetched:
+        fetched = [src for st in self._issuers.values() for src in st.sources]
+        await asyncio.gather(*(self._shared_load(src) for src in fetched))
+        for src in fetched:
+            if src.keyset is None and src.kind != "jwks_file":
+                self._restore_last_good(src)
+        for src in fetched:
             # jwks_file issuers are not re-read on a timer: a SIGHUP reload replaces the worker.
-            if st.kind != "jwks_file":
-                st.loop_task = asyncio.get_running_loop().create_task(
-                    self._refresh_loop(st), name=f"jwks-refresh-{st.cfg.name}"
+            if src.kind != "jwks_file":
+                src.loop_task = asyncio.get_running_loop().create_task(
+                    self._refresh_loop(src), name=f"jwks-refresh-{src.cfg.name}"
                 )
 
     async def close(self) -> None:
@@ -307,11 +377,12 @@ class KeyManager:
         self._running = False
         tasks: list[asyncio.Task[Any]] = []
         for st in self._issuers.values():
-            for task in (st.loop_task, st.inflight):
+            for task in (st.refetch, *(t for src in st.sources for t in (src.loop_task, src.inflight))):
                 if task is not None:
                     task.cancel()
                     tasks.append(task)
-            st.loop_task = None
+            for src in st.sources:
+                src.loop_task = None
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._own_session and self._session is not None:
             await self._session.close()
@@ -325,105 +396,119 @@ class KeyManager:
         seconds per issuer, and inside the cooldown (or for an issuer that is not fetched, or
         before ``start()`` / after ``close()``) the returned future is already done with ``False``. Its result is True when the key set
         changed. Cancelling the returned future does not cancel the shared fetch. Raises KeyError
-        for an unknown issuer name.
+        for an unknown issuer name. An issuer with several sources refetches them all.
         """
         st = self._issuers[issuer_name]
         loop = asyncio.get_running_loop()
-        if st.inflight is not None:
-            return asyncio.shield(st.inflight)
+        if st.refetch is not None:
+            return asyncio.shield(st.refetch)
+        if any(src.inflight is not None for src in st.sources):
+            # A background refresh is under way: wait for it (it does not start the cooldown).
+            return asyncio.shield(self._shared_refetch(st, [src for src in st.sources if src.inflight]))
         now = self._clock()
         in_cooldown = st.last_refetch is not None and now - st.last_refetch < st.cfg.jwks_cooldown
-        if not self._running or st.kind == "hs_secret" or in_cooldown:
+        if not self._running or not st.sources or in_cooldown:
             done: asyncio.Future[bool] = loop.create_future()
             done.set_result(False)
             return done
         st.last_refetch = now
-        return asyncio.shield(self._shared_load(st))
+        return asyncio.shield(self._shared_refetch(st, st.sources))
+
+    def _shared_refetch(self, st: _Issuer, sources: list[_Source]) -> asyncio.Task[bool]:
+        """One task loading ``sources`` (their in-flight loads joined); True if the issuer's
+        merged key set changed. Later unknown-kid callers join it until it ends."""
+        loads = [self._shared_load(src) for src in sources]
+        if len(loads) == 1:
+            task = loads[0]
+        else:
+            task = asyncio.get_running_loop().create_task(self._any_changed(loads), name=f"jwks-refetch-{st.cfg.name}")
+        st.refetch = task
+
+        def _clear(done: asyncio.Task[bool]) -> None:
+            if st.refetch is done:
+                st.refetch = None
+
+        task.add_done_callback(_clear)
+        return task
+
+    @staticmethod
+    async def _any_changed(loads: list[asyncio.Task[bool]]) -> bool:
+        # shield: a cancelled refetch must not cancel loads the refresh loops share.
+        results = await asyncio.gather(*(asyncio.shield(load) for load in loads))
+        return any(results)
 
     def status(self) -> dict[str, dict[str, Any]]:
         """Per issuer, for /readyz and the status page: loaded, kids, keys (each ``{"kid",
         "alg"}``), last_success, last_error (the current failure, None once a load succeeds),
         last_failure (``{"at", "reason"}`` of the latest failure, kept after a success),
-        next_refresh (unix time; None when no refresh is scheduled), source, kind."""
-        return {
-            name: {
-                "loaded": st.loaded,
-                "kids": _kids(st.keyset) if st.keyset is not None else [],
-                "keys": _key_list(st.keyset) if st.keyset is not None else [],
-                "last_success": st.last_success,
-                "last_error": st.last_error,
-                "last_failure": (None if st.last_failure is None
-                                 else {"at": st.last_failure[0], "reason": st.last_failure[1]}),
-                "next_refresh": st.next_refresh if st.loop_task is not None else None,
-                "source": st.source,
-                "kind": st.kind,
-            }
-            for name, st in self._issuers.items()
-        }
+        next_refresh (unix time; None when no refresh is scheduled), source, kind; with several
+        sources also ``sources`` (each one's own state), and ``refused_kids`` when two sources
+        publish a kid with different keys."""
+        return {name: st.status() for name, st in self._issuers.items()}
 
     # ------------------------------------------------------------------ scheduling
 
-    def _shared_load(self, st: _Issuer) -> asyncio.Task[bool]:
+    def _shared_load(self, src: _Source) -> asyncio.Task[bool]:
         """The one in-flight load of this issuer, started if there is none (invariant 3)."""
-        if st.inflight is None:
+        if src.inflight is None:
             task = asyncio.get_running_loop().create_task(
-                self._load(st), name=f"jwks-load-{st.cfg.name}"
+                self._load(src), name=f"jwks-load-{src.cfg.name}"
             )
-            st.inflight = task
+            src.inflight = task
 
             def _clear(done: asyncio.Task[bool]) -> None:
-                if st.inflight is done:
-                    st.inflight = None
+                if src.inflight is done:
+                    src.inflight = None
 
             task.add_done_callback(_clear)
-        return st.inflight
+        return src.inflight
 
-    async def _refresh_loop(self, st: _Issuer) -> None:
+    async def _refresh_loop(self, src: _Source) -> None:
         while True:
-            st.next_refresh = self._wall_clock() + st.next_delay
-            await self._sleep(st.next_delay)
+            src.next_refresh = self._wall_clock() + src.next_delay
+            await self._sleep(src.next_delay)
             # shield: the fetch may be shared with unknown-kid waiters, so cancelling this loop
             # must not cancel it for them; close() cancels in-flight fetches itself.
-            await asyncio.shield(self._shared_load(st))
+            await asyncio.shield(self._shared_load(src))
 
-    def _backoff(self, st: _Issuer) -> float:
-        cap = st.period if st.keyset is not None else min(st.period, self._policy.backoff_cap_unloaded)
+    def _backoff(self, src: _Source) -> float:
+        cap = src.period if src.keyset is not None else min(src.period, self._policy.backoff_cap_unloaded)
         # The exponent is bounded so a week-long outage cannot overflow the float.
-        return min(self._policy.backoff_initial * 2.0 ** min(st.failures - 1, 40), cap)
+        return min(self._policy.backoff_initial * 2.0 ** min(src.failures - 1, 40), cap)
 
-    def _period(self, st: _Issuer, max_age: float | None) -> float:
+    def _period(self, src: _Source, max_age: float | None) -> float:
         if max_age is None:
-            return st.cfg.jwks_refresh
+            return src.cfg.jwks_refresh
         return min(max(max_age, self._policy.min_period), self._policy.max_period)
 
     # ------------------------------------------------------------------ loading
 
-    async def _load(self, st: _Issuer) -> bool:
-        if st.kind == "jwks_file":
-            return self._load_file(st)
+    async def _load(self, src: _Source) -> bool:
+        if src.kind == "jwks_file":
+            return self._load_file(src)
         op = None
         if self._tracer is not None:
             # A child of the request whose unknown kid started it, else a trace of its own.
             op = self._tracer.operation("jwks fetch", {
                 "http.request.method": "GET",
-                "url.full": str(URL(st.source).with_user(None).with_query(None).with_fragment(None)),
-                "jwtproxy.issuer": st.cfg.name,
+                "url.full": str(URL(src.source).with_user(None).with_query(None).with_fragment(None)),
+                "jwtproxy.issuer": src.cfg.name,
             })
         result, error = "error", "cancelled"
         try:
             try:
-                if st.kind == "discovery":
-                    document, max_age = await self._fetch_discovery(st)
+                if src.kind == "discovery":
+                    document, max_age = await self._fetch_discovery(src)
                 else:
-                    document, max_age = await self._fetch_jwks(URL(st.source))
-                changed = self._install(st, self._parse(st, document), max_age)
+                    document, max_age = await self._fetch_jwks(src, URL(src.source))
+                changed = self._install(src, self._parse(src, document), max_age)
             except Exception as exc:  # any failure keeps the last good keys (invariant 1)
                 error = type(exc).__name__
-                self._failed(st, _describe(exc))
+                self._failed(src, _describe(exc))
                 return False
             result, error = ("ok" if changed else "unchanged"), ""
             if changed:
-                self._remember(st, document)
+                self._remember(src, document)
             return changed
         finally:
             if op is not None:
@@ -436,14 +521,14 @@ class KeyManager:
     # good JWKS document; a new worker whose first fetch fails starts from it and keeps
     # retrying the real source on the backoff schedule.
 
-    def _last_good_path(self, st: _Issuer) -> str | None:
+    def _last_good_path(self, src: _Source) -> str | None:
         if not self._last_good_dir:
             return None
-        digest = hashlib.sha256(f"{st.cfg.name}\0{st.cfg.issuer}\0{st.source}".encode()).hexdigest()[:32]
+        digest = hashlib.sha256(f"{src.cfg.name}\0{src.cfg.issuer}\0{src.source}".encode()).hexdigest()[:32]
         return os.path.join(self._last_good_dir, f"{digest}.json")
 
-    def _remember(self, st: _Issuer, document: dict[str, Any]) -> None:
-        path = self._last_good_path(st)
+    def _remember(self, src: _Source, document: dict[str, Any]) -> None:
+        path = self._last_good_path(src)
         if path is None:
             return
         try:
@@ -453,31 +538,31 @@ class KeyManager:
                 json.dump(document, f)
             os.replace(temporary, path)
         except (OSError, TypeError, ValueError) as exc:
-            self._emit(st, "jwks_last_good_write_failed", "warning", f"cannot keep last good keys: {exc}",
+            self._emit(src, "jwks_last_good_write_failed", "warning", f"cannot keep last good keys: {exc}",
                        reason=str(exc))
 
-    def _restore_last_good(self, st: _Issuer) -> None:
-        path = self._last_good_path(st)
+    def _restore_last_good(self, src: _Source) -> None:
+        path = self._last_good_path(src)
         if path is None or not os.path.exists(path):
             return
         try:
             document = self._read_file(path)
-            self._install(st, self._parse(st, document), None)
+            self._install(src, self._parse(src, document), None)
         except Exception as exc:  # a bad copy is only a missed shortcut; the fetch keeps retrying
-            self._emit(st, "jwks_last_good_unusable", "warning", f"last good keys unusable: {_describe(exc)}",
+            self._emit(src, "jwks_last_good_unusable", "warning", f"last good keys unusable: {_describe(exc)}",
                        reason=_describe(exc))
             return
         # _install scheduled a full period; the source is still failing, so retry on backoff.
-        st.failures = max(st.failures, 1)
-        st.next_delay = self._backoff(st)
-        st.last_error = "source unreachable; serving the last good keys of a previous worker"
-        self._emit(st, "jwks_last_good_restored", "warning", "serving the last good keys of a previous worker")
+        src.failures = max(src.failures, 1)
+        src.next_delay = self._backoff(src)
+        src.last_error = "source unreachable; serving the last good keys of a previous worker"
+        self._emit(src, "jwks_last_good_restored", "warning", "serving the last good keys of a previous worker")
 
-    def _load_file(self, st: _Issuer) -> bool:
+    def _load_file(self, src: _Source) -> bool:
         try:
-            return self._install(st, self._parse(st, self._read_file(st.source)), None)
+            return self._install(src, self._parse(src, self._read_file(src.source)), None)
         except Exception as exc:  # any failure keeps the last good keys (invariant 1)
-            self._failed(st, _describe(exc))
+            self._failed(src, _describe(exc))
             return False
 
     def _read_file(self, path: str) -> dict[str, Any]:
@@ -491,14 +576,14 @@ class KeyManager:
             raise FetchError(f"file is larger than {self._policy.max_bytes} bytes")
         return _json_object(body, "file")
 
-    async def _fetch_discovery(self, st: _Issuer) -> tuple[dict[str, Any], float | None]:
-        url = URL(st.source)
-        metadata, _ = await self._get_json(url, "discovery document")
+    async def _fetch_discovery(self, src: _Source) -> tuple[dict[str, Any], float | None]:
+        url = URL(src.source)
+        metadata, _ = await self._get_json(src, url, "discovery document")
         issuer = metadata.get("issuer")
-        if issuer != st.cfg.issuer:
+        if issuer != src.cfg.issuer:
             raise FetchError(
                 f"discovery issuer {echo(issuer, _MAX_ECHO)} does not equal the configured issuer "
-                f"{echo(st.cfg.issuer, _MAX_ECHO)} (RFC 8414 §3.3)"
+                f"{echo(src.cfg.issuer, _MAX_ECHO)} (RFC 8414 §3.3)"
             )
         jwks_uri = metadata.get("jwks_uri")
         if not isinstance(jwks_uri, str) or not jwks_uri:
@@ -509,14 +594,16 @@ class KeyManager:
             raise FetchError(f"discovery jwks_uri {echo(jwks_uri, _MAX_ECHO)} is not a URL") from None
         _check_scheme(url, target, "discovery jwks_uri")
         # The log line names the discovery URL; the reason names the jwks_uri it led to.
-        return await self._fetch_jwks(target, f"JWKS at {echo(jwks_uri, _MAX_ECHO)}")
+        return await self._fetch_jwks(src, target, f"JWKS at {echo(jwks_uri, _MAX_ECHO)}")
 
-    async def _fetch_jwks(self, url: URL, what: str = "JWKS") -> tuple[dict[str, Any], float | None]:
-        document, headers = await self._get_json(url, what)
+    async def _fetch_jwks(self, src: _Source, url: URL, what: str = "JWKS") -> tuple[dict[str, Any], float | None]:
+        document, headers = await self._get_json(src, url, what)
         return document, cache_max_age(headers.get("Cache-Control"))
 
-    async def _get_json(self, url: URL, what: str) -> tuple[dict[str, Any], Mapping[str, str]]:
-        """GET ``url`` within the policy's bounds (invariant 5); the body must be a JSON object."""
+    async def _get_json(self, src: _Source, url: URL, what: str) -> tuple[dict[str, Any], Mapping[str, str]]:
+        """GET ``url`` within the policy's bounds (invariant 5); the body must be a JSON object.
+        TLS is verified against the issuer's ``ca_file`` when it has one."""
+        tls: ssl.SSLContext | bool = src.group.tls if src.group.tls is not None else True
         session = self._session
         if session is None:
             raise FetchError("key manager is not started")
@@ -526,7 +613,7 @@ class KeyManager:
             async with asyncio.timeout(policy.timeout):
                 for _ in range(policy.max_redirects + 1):
                     # Redirects are followed by hand so each hop's scheme can be checked.
-                    async with session.get(target, allow_redirects=False) as resp:
+                    async with session.get(target, allow_redirects=False, ssl=tls) as resp:
                         if resp.status in _REDIRECT_STATUSES:
                             location = resp.headers.get("Location")
                             if not location:
@@ -561,79 +648,99 @@ class KeyManager:
                 raise FetchError(f"{what}: body exceeds {cap} bytes")
         return bytes(body)
 
-    def _parse(self, st: _Issuer, document: dict[str, Any]) -> KeySet:
+    def _parse(self, src: _Source, document: dict[str, Any]) -> KeySet:
         try:
-            keyset = self._parse_jwks(document, st.cfg, self._key_log(st))
+            keyset = self._parse_jwks(document, src.cfg, self._key_log(src))
         except ValueError as exc:
             raise FetchError(f"not a JWKS: {exc}") from None
-        if _empty_is_failure(keyset, st):
+        if _empty_is_failure(keyset, src):
             raise FetchError("JWKS holds no usable key")
         return keyset
 
     # ------------------------------------------------------------------ outcomes
 
-    def _install(self, st: _Issuer, keyset: KeySet, max_age: float | None) -> bool:
-        """Record a successful load; hand a changed key set on (invariant 2). True if changed."""
-        changed = st.keyset is None or keyset.fingerprint != st.keyset.fingerprint
+    def _install(self, src: _Source, keyset: KeySet, max_age: float | None) -> bool:
+        """Record a successful load of one source; hand the issuer's key set on when it changed
+        (invariant 2). True if the issuer's key set changed."""
+        group = src.group
+        source_changed = src.keyset is None or keyset.fingerprint != src.keyset.fingerprint
+        refused: list[str] = group.refused
+        merged = group.keyset
+        if source_changed:
+            if len(group.sources) == 1:
+                merged, refused = keyset, []
+            else:
+                loaded = [keyset]
+                loaded += [other.keyset for other in group.sources if other is not src and other.keyset is not None]
+                merged, refused = merge_sources(loaded)
+        changed = merged is not None and (group.keyset is None or merged.fingerprint != group.keyset.fingerprint)
         if changed:
             # First, so that if the verifier refuses the key set, the load counts as failed and
             # nothing below claims otherwise.
-            self._verifier.set_keyset(st.cfg.name, keyset)
-        st.last_success = self._wall_clock()
-        st.last_error = None
-        st.failures = 0
-        st.period = self._period(st, max_age)
-        st.next_delay = st.period
-        if not changed:
-            self._count(st, "unchanged")
+            assert merged is not None  # narrowing for mypy: changed implies a merged set
+            self._verifier.set_keyset(src.cfg.name, merged)
+        src.last_success = self._wall_clock()
+        src.last_error = None
+        src.failures = 0
+        src.period = self._period(src, max_age)
+        src.next_delay = src.period
+        if not source_changed:
+            self._count(src, "unchanged")
             return False
-        first = st.keyset is None
-        st.keyset = keyset
+        first = src.keyset is None
+        src.keyset = keyset
         kids = _kids(keyset)
         what = "keys loaded" if first else "key set changed"
-        text = f"{what} from {st.source}: kids={kids}"
-        self._emit(st, "jwks_keys_changed", "info", text, kids=kids, first=first)
-        self._count(st, "ok")
+        text = f"{what} from {src.source}: kids={kids}"
+        self._emit(src, "jwks_keys_changed", "info", text, kids=kids, first=first)
+        self._count(src, "ok")
+        if refused and refused != group.refused:
+            text = f"kids {refused} are published with different keys by two sources: refused"
+            self._emit(src, "jwks_kid_conflict", "warning", text, kids=refused)
+        group.refused = refused
+        if not changed:
+            return False
+        group.keyset = merged
         try:
-            self._on_change(st.cfg.name)
+            self._on_change(src.cfg.name)
         except Exception as exc:  # the keys are installed; a failing listener must not undo that
             text = f"on_change failed: {type(exc).__name__}: {exc}"
-            self._emit(st, "jwks_on_change_failed", "error", text, reason=text)
+            self._emit(src, "jwks_on_change_failed", "error", text, reason=text)
         return True
 
-    def _failed(self, st: _Issuer, reason: str) -> None:
-        st.last_error = reason
-        st.last_failure = (self._wall_clock(), reason)
-        st.failures += 1
-        st.next_delay = self._backoff(st)
-        if st.kind == "jwks_file":
-            outcome = "keeping the last good keys" if st.keyset is not None else "no keys"
-        elif st.keyset is not None:
-            outcome = f"keeping the last good keys, retry in {st.next_delay:g} s"
+    def _failed(self, src: _Source, reason: str) -> None:
+        src.last_error = reason
+        src.last_failure = (self._wall_clock(), reason)
+        src.failures += 1
+        src.next_delay = self._backoff(src)
+        if src.kind == "jwks_file":
+            outcome = "keeping the last good keys" if src.keyset is not None else "no keys"
+        elif src.keyset is not None:
+            outcome = f"keeping the last good keys, retry in {src.next_delay:g} s"
         else:
-            outcome = f"no keys yet, retry in {st.next_delay:g} s"
-        retry_in = None if st.kind == "jwks_file" else st.next_delay
-        text = f"load from {st.source} failed: {reason} ({outcome})"
+            outcome = f"no keys yet, retry in {src.next_delay:g} s"
+        retry_in = None if src.kind == "jwks_file" else src.next_delay
+        text = f"load from {src.source} failed: {reason} ({outcome})"
         self._emit(
-            st, "jwks_load_failed", "warning", text,
-            reason=reason, has_keys=st.keyset is not None, retry_in=retry_in,
+            src, "jwks_load_failed", "warning", text,
+            reason=reason, has_keys=src.keyset is not None, retry_in=retry_in,
         )  # fmt: skip
-        self._count(st, "error")
+        self._count(src, "error")
 
-    def _emit(self, st: _Issuer, event: str, level: str, text: str, **fields: Any) -> None:
+    def _emit(self, src: _Source, event: str, level: str, text: str, **fields: Any) -> None:
         """One log line: ``text`` to an injected ``log``, else a structured ``log_event`` line."""
         if self._text_log is not None:
-            self._text_log(f"jwks: issuer {st.cfg.name}: {text}")
+            self._text_log(f"jwks: issuer {src.cfg.name}: {text}")
         else:
-            log_event(event, level=level, issuer=st.cfg.name, source=st.source, **fields)
+            log_event(event, level=level, issuer=src.cfg.name, source=src.source, **fields)
 
-    def _key_log(self, st: _Issuer) -> Log:
+    def _key_log(self, src: _Source) -> Log:
         """The ``log`` handed to ``keys.keyset_from_jwks`` for keys it skips."""
         if self._text_log is not None:
             return self._text_log
-        name = st.cfg.name
+        name = src.cfg.name
         return lambda message: log_event("jwks_key_skipped", level="warning", issuer=name, message=message)
 
-    def _count(self, st: _Issuer, result: str) -> None:
+    def _count(self, src: _Source, result: str) -> None:
         if self._on_refresh is not None:
-            self._on_refresh(st.cfg.name, result)
+            self._on_refresh(src.cfg.name, result)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -69,6 +69,7 @@ __all__ = [
     "is_roca_modulus",
     "keyset_from_jwks",
     "keyset_from_secret",
+    "merge_sources",
     "verifiers_for_jwk",
 ]
 
@@ -484,3 +485,30 @@ def keyset_from_secret(issuer: IssuerConfig, log: Log | None = None) -> KeySet |
             continue
         verifiers.append(HMACVerifier(alg, secret))
     return KeySet(verifiers) if verifiers else None
+
+
+def merge_sources(keysets: Sequence[KeySet]) -> tuple[KeySet, list[str]]:
+    """One issuer's keys from several JWKS sources (``jwks_uri`` as a list), and the refused kids.
+
+    The union of every source's verifiers, each distinct key once (a key published by two
+    sources is not tried twice). A ``kid`` that two sources publish with *different* keys is
+    refused: none of its keys is kept, because which source is right cannot be told, and a token
+    naming that kid then fails with "no key" rather than being checked against a key chosen by
+    accident of ordering. Returns the merged set and the refused kids (sorted) for a log line.
+    """
+    key_sets_by_kid: dict[str, set[frozenset[tuple[str, str]]]] = {}
+    for keyset in keysets:
+        for kid, verifiers in keyset.by_kid.items():
+            key_sets_by_kid.setdefault(kid, set()).add(frozenset((v.alg, v.thumb) for v in verifiers))
+    refused = sorted(kid for kid, variants in key_sets_by_kid.items() if len(variants) > 1)
+    refused_set = frozenset(refused)
+    seen: set[tuple[str, str, str]] = set()
+    merged: list[SignatureVerifier] = []
+    for keyset in keysets:
+        for v in keyset.verifiers:
+            identity = (v.kid or "", v.alg, v.thumb)
+            if v.kid in refused_set or identity in seen:
+                continue
+            seen.add(identity)
+            merged.append(v)
+    return KeySet(merged), refused

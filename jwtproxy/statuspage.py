@@ -179,11 +179,13 @@ def _issuer_view(cfg: IssuerConfig, reports: Sequence[Mapping[str, Any]]) -> Jso
     """One issuer as the current workers see it: keys with how many workers hold each, the
     newest refresh, the soonest next refresh, the current and the latest failure."""
     if cfg.jwks_uri:
-        kind, source = "jwks_uri", cfg.jwks_uri
+        kind, source = "jwks_uri", ", ".join(redact_source(url) for url in cfg.jwks_uri)
     elif cfg.discovery:
-        kind, source = "discovery", cfg.discovery
+        kind, source = "discovery", redact_source(cfg.discovery)
     elif cfg.jwks_file:
         kind, source = "jwks_file", cfg.jwks_file
+    elif cfg.introspection_endpoint:
+        kind, source = "introspection", redact_source(cfg.introspection_endpoint)
     else:
         kind, source = "hs_secret", "hs_secret"
     key_workers: dict[tuple[str, str], int] = {}
@@ -219,7 +221,7 @@ def _issuer_view(cfg: IssuerConfig, reports: Sequence[Mapping[str, Any]]) -> Jso
     return {
         "name": cfg.name,
         "issuer": cfg.issuer,
-        "source": redact_source(source),
+        "source": source,
         "source_kind": kind,
         "algorithms": list(cfg.algorithms),  # the allowlist, in config order
         "keys": [

@@ -85,7 +85,7 @@ def test_shipped_sample_parses_to_the_demo() -> None:
     (demo,) = cfg.issuers
     assert demo.name == "demo"
     assert demo.issuer == "http://127.0.0.1:8081/demo-issuer"
-    assert demo.jwks_uri == "http://127.0.0.1:8081/demo-issuer/jwks.json"
+    assert demo.jwks_uri == ("http://127.0.0.1:8081/demo-issuer/jwks.json",)
     assert (demo.discovery, demo.jwks_file, demo.hs_secret) == ("", "", b"")
     assert demo.audiences == ("demo-api",)
     assert demo.algorithms == ("RS256", "ES256", "EdDSA")
@@ -112,8 +112,13 @@ def test_shipped_sample_sets_every_documented_key() -> None:
     assert set(data["server"]) == set(mod._SERVER_KEYS)
     assert set(data["admin"]) == set(mod._ADMIN_KEYS)
     assert set(data["token"]) == set(mod._TOKEN_KEYS)
-    # hs_secret is shown commented out: setting it without an HS algorithm is an error.
-    assert set(data["issuer"][0]) == set(mod._ISSUER_KEYS) - {"discovery", "jwks_file", "hs_secret"}
+    # hs_secret is shown commented out: setting it without an HS algorithm is an error; so are the
+    # introspection keys without an introspection_endpoint.
+    introspection = {"introspection_endpoint", "introspection_client_id", "introspection_client_secret",
+                     "introspection_cache"}
+    assert set(data["issuer"][0]) == set(mod._ISSUER_KEYS) - {"discovery", "jwks_file", "hs_secret"} - introspection
+    commented = (REPO / "jwtproxy.toml").read_text()
+    assert all(f"# {key} = " in commented for key in introspection | {"hs_secret"})
     assert set(data["route"][0]) == set(mod._ROUTE_KEYS)
     assert set(data["upstream"]["demo"]) == set(mod._UPSTREAM_KEYS)
     assert set(data["revocation"]) == set(mod._REVOCATION_KEYS)
@@ -346,7 +351,7 @@ def test_defaults() -> None:
     assert issuer.algorithms == DEFAULT_ALGORITHMS
     assert DEFAULT_ALGORITHMS == tuple("RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 ES512 EdDSA Ed25519".split())
     assert (issuer.leeway, issuer.max_lifetime, issuer.jwks_refresh, issuer.jwks_cooldown) == (30.0, 0.0, 300.0, 30.0)
-    assert issuer.required_claims == ("exp",)
+    assert issuer.required_claims == ("exp", "sub")  # contract §3
     assert issuer.typ == ()
     assert issuer.hs_secret == b""
     assert cfg.routes == (
@@ -849,8 +854,10 @@ CASES: list[tuple[str, Mutation, str]] = [
     ("issuer missing", _del_issuer_key("issuer"), "issuer[0].issuer: is required"),
     ("issuer empty", _issuer(issuer=""), "issuer[0].issuer: must not be empty"),
     ("issuer type", _issuer(issuer=1), "issuer[0].issuer: expected a string, got integer"),
-    ("no key source", _del_issuer_key("jwks_uri"), "issuer[0]: one of jwks_uri, discovery or jwks_file is required"),
-    ("empty key source", _issuer(jwks_uri=""), "issuer[0]: one of jwks_uri, discovery or jwks_file is required"),
+    ("no key source", _del_issuer_key("jwks_uri"),
+     "issuer[0]: one of jwks_uri, discovery or jwks_file is required (or introspection_endpoint)"),
+    ("empty key source", _issuer(jwks_uri=""),
+     "issuer[0]: one of jwks_uri, discovery or jwks_file is required (or introspection_endpoint)"),
     (
         "two key sources",
         _issuer(jwks_file="/k.json"),

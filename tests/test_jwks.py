@@ -247,6 +247,8 @@ class RecordingVerifier(TokenVerifier):
 def issuer(name: str = "corp", **kw: Any) -> IssuerConfig:
     kw.setdefault("issuer", f"https://{name}.idp.example.com")
     kw.setdefault("audiences", ("api",))
+    if isinstance(kw.get("jwks_uri"), str):  # one URL, as most tests write it; the config holds a tuple
+        kw["jwks_uri"] = (kw["jwks_uri"],)
     return IssuerConfig(name=name, **kw)
 
 
