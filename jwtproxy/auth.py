@@ -16,12 +16,24 @@ Theory of operation
 The order of checks is fixed: token presence, size, the verified-token cache (a hit skips JOSE
 parsing and the signature, never ``exp``, revocation, issuer, binding or route checks), then full
 verification (:mod:`jwtproxy.verifier`), then what depends on the request and the route: allowed
-issuers, revocation, the token's sender binding (:mod:`jwtproxy.binding`: the DPoP proof or the
+issuers, audiences, revocation, the token's sender binding (:mod:`jwtproxy.binding`: the DPoP proof or the
 client certificate, checked on **every** request because a proof is single-use), scopes and
 claims, and last the proof's single use on this host (:mod:`jwtproxy.dpopreplay`). What a cached
 entry holds is the verdict on the *token* (with its ``cnf``); what the *request* and the *route*
 demand is checked every time, so one cache serves every route. A binding failure (401) comes
-before scopes (403): a thief learns nothing about what the token would have allowed.
+before scopes (403): a thief learns nothing about what the token would have allowed. The audience
+is a route rule because a route's ``audiences`` may replace the issuer's: the verifier checks the
+claim's presence and shape, :meth:`AuthStage._route_checks` its membership.
+
+A token that is not a compact JWS (not exactly three segments) on a route that allows an
+introspecting issuer (at most one, by the config's rule) is judged by that issuer's RFC 7662
+endpoint instead (:mod:`jwtproxy.introspection`): a cached outcome answers at once; otherwise
+:class:`Pending` waits on the (shared) introspection call and the caller asks again with
+``refetched=True``, which finds the outcome in the introspection cache -- or, when the call
+failed (failures are never cached), answers 503. Introspected verdicts live only in the
+introspection cache (bounded by ``introspection_cache`` and ``exp``), never in the verified-token
+cache; the route checks (binding included: an introspection response may carry ``cnf``) are the
+same for both kinds of verdict.
 
 Everything here is synchronous and reads the clock only through the ``now`` it is given.
 """
@@ -50,6 +62,7 @@ from jwtproxy.config import Config, IssuerConfig, RouteConfig, TokenSource
 from jwtproxy.dpop import USE_DPOP_NONCE, AcceptedProof, DPoPPolicy, NonceIssuer, ProofChecker
 from jwtproxy.dpopreplay import HostReplayGuard, ReplayCheckUnavailable
 from jwtproxy.identity import render_identity_headers
+from jwtproxy.introspection import Introspector
 from jwtproxy.jose import TokenRejected
 from jwtproxy.responses import www_authenticate, www_authenticate_dpop
 from jwtproxy.revocation import IsRevoked
@@ -67,6 +80,7 @@ __all__ = [
     "Deny",
     "Pending",
     "RouteRules",
+    "cached_token",
     "extract_token",
     "uses_dpop_scheme",
 ]
@@ -86,7 +100,7 @@ AUTH_FAILURE_REASONS: Final[tuple[str, ...]] = (
     "lifetime_exceeded", "missing_claim", "bad_claim", "audience_not_allowed", "issuer_not_allowed",
     "bad_claim_value", "keys_unavailable",
     # opaque tokens (introspection)
-    "token_inactive", "bad_token_type",
+    "token_inactive", "bad_token_type", "introspection_unavailable",
     # the route and revocation
     "revoked", "insufficient_scope", "claim_not_allowed",
 ) + FAILURE_REASONS  # fmt: skip
@@ -191,6 +205,9 @@ def invalid_token(reason: str, description: str) -> Deny:
 
 
 MISSING_TOKEN = Deny(401, "bearer token required", "missing_token", error="unauthorized", www_auth=www_authenticate())
+KEYS_UNAVAILABLE = Deny(503, "issuer keys not available", "keys_unavailable", retry_after=5)
+INTROSPECTION_UNAVAILABLE = Deny(503, "token introspection unavailable", "introspection_unavailable", retry_after=5)
+AUDIENCE_NOT_ALLOWED = invalid_token("audience_not_allowed", "audience not allowed")
 
 
 @lru_cache(maxsize=256)
@@ -239,7 +256,36 @@ class CachedToken:
     claims: Mapping[str, Any]
     identity: list[tuple[bytes, bytes]]
     allow: Allow
+    audience: frozenset[str] | None  # the token's audience values; None: it named none (introspection)
+    issuer_audiences: frozenset[str]  # what the issuer accepts, where the route does not say
     cnf: Confirmation = UNBOUND
+
+
+def cached_token(verified: Verified, key: bytes, claims_to_headers: tuple[tuple[str, str], ...]) -> CachedToken:
+    """The cacheable verdict on a verified token (a JWT, or an introspection response) whose cache
+    key is ``key``: identity headers rendered once, the binding read, what an assertion is made
+    from. Raises :class:`TokenRejected` for a claim that cannot be a header or a ``cnf`` that
+    cannot be honoured."""
+    claims = verified.claims
+    identity = render_identity_headers(claims, claims_to_headers)
+    issuer = verified.issuer
+    return CachedToken(
+        issuer=issuer.name,
+        exp=verified.exp,
+        leeway=issuer.leeway,
+        sub=verified.sub,
+        jti=verified.jti,
+        iat=verified.iat,
+        scopes=token_scopes(claims),
+        claims=claims,
+        identity=identity,
+        allow=Allow(
+            identity, verified.sub, verified.jti, issuer.name, token_key=key, claims=claims, exp=verified.exp
+        ),
+        audience=verified.audience,
+        issuer_audiences=frozenset(issuer.audiences),
+        cnf=read_confirmation(claims),
+    )
 
 
 class RouteRules:
@@ -250,11 +296,12 @@ class RouteRules:
     issuer, needed for the latter).
     """
 
-    __slots__ = ("auth", "issuers", "scopes", "scope_text", "claims", "binding_required")
+    __slots__ = ("auth", "issuers", "audiences", "scopes", "scope_text", "claims", "binding_required")
 
     def __init__(self, route: RouteConfig, issuers: tuple[IssuerConfig, ...] = ()) -> None:
         self.auth = route.auth
         self.issuers = frozenset(route.issuers) if route.issuers else None
+        self.audiences = frozenset(route.audiences) if route.audiences else None  # None: the issuer's
         self.scopes = frozenset(route.require_scopes)
         self.scope_text = " ".join(route.require_scopes)
         self.claims = tuple((name, frozenset(values)) for name, values in route.require_claims)
@@ -318,11 +365,14 @@ class AuthStage:
         proofs: ProofChecker | None = None,
         host_replay: HostReplayGuard | None = None,
         remote_replay: bool = False,
+        introspectors: Mapping[str, Introspector[CachedToken]] | None = None,
     ) -> None:
         """``proofs``: the DPoP proof checker (default: one with a nonce secret of its own, right
         for a single process). ``host_replay``: the host-wide jti guard (default: a table of this
         process only). ``remote_replay``: the shell also records jtis across nodes
-        (:class:`CheckReplay` is returned instead of :class:`Allow` after a DPoP proof)."""
+        (:class:`CheckReplay` is returned instead of :class:`Allow` after a DPoP proof).
+        ``introspectors``: issuer name -> RFC 7662 client, for issuers with an
+        ``introspection_endpoint``."""
         self.verifier = verifier
         self.cache = cache
         self.is_revoked = is_revoked
@@ -338,6 +388,8 @@ class AuthStage:
             for issuer in config.issuers
         }
         self.dpop_algs = {name: policy.algs_text() for name, policy in self.dpop_policies.items()}
+        self.introspectors: dict[str, Introspector[CachedToken]] = dict(introspectors or {})
+        self._introspector_of_route: dict[frozenset[str] | None, Introspector[CachedToken] | None] = {}
 
     def authorize(
         self,
@@ -353,6 +405,10 @@ class AuthStage:
             return ANONYMOUS if rules.auth == "optional" else MISSING_TOKEN
         if len(token) > self.max_bytes:
             return invalid_token("token_too_large", "token too large")
+        if self.introspectors and token.count(".") != 2:
+            introspector = self._introspector_for(rules)
+            if introspector is not None:
+                return self._introspected(rules, introspector, token, now, refetched, presented)
         key = cache_key(token)
         entry = self.cache.get(key, now)
         if entry is None:
@@ -367,43 +423,59 @@ class AuthStage:
                     return invalid_token("unknown_kid", "unknown key")
                 return Pending(self.refetch_unknown_kid(exc.issuer))
             except KeysNotLoaded:
-                return Deny(503, "issuer keys not available", "keys_unavailable", retry_after=5)
+                return KEYS_UNAVAILABLE
             self.cache.put(key, entry)
         elif self.on_cache is not None:
             self.on_cache("hit")  # the cache returns only entries that have not expired
         return self._route_checks(rules, entry, now, token, presented)
 
     def _verify(self, token: str, key: bytes, now: float, rules: RouteRules) -> CachedToken:
-        verified: Verified = self.verifier.verify(token, now, rules.issuers)
-        claims = verified.claims
-        identity = render_identity_headers(claims, self.claims_to_headers)
-        return CachedToken(
-            issuer=verified.issuer.name,
-            exp=verified.exp,
-            leeway=verified.issuer.leeway,
-            sub=verified.sub,
-            jti=verified.jti,
-            iat=verified.iat,
-            scopes=token_scopes(claims),
-            claims=claims,
-            identity=identity,
-            cnf=read_confirmation(claims),
-            allow=Allow(
-                identity,
-                verified.sub,
-                verified.jti,
-                verified.issuer.name,
-                token_key=key,
-                claims=claims,
-                exp=verified.exp,
-            ),
-        )
+        # The audience's membership is a route rule (see the module docstring).
+        verified: Verified = self.verifier.verify(token, now, rules.issuers, defer_audience=True)
+        return cached_token(verified, key, self.claims_to_headers)
+
+    def _introspector_for(self, rules: RouteRules) -> Introspector[CachedToken] | None:
+        """The introspecting issuer this route allows (the config allows at most one)."""
+        try:
+            return self._introspector_of_route[rules.issuers]
+        except KeyError:
+            found = next(
+                (i for name, i in self.introspectors.items() if rules.issuers is None or name in rules.issuers), None
+            )
+            self._introspector_of_route[rules.issuers] = found
+            return found
+
+    def _introspected(
+        self,
+        rules: RouteRules,
+        introspector: Introspector[CachedToken],
+        token: str,
+        now: float,
+        refetched: bool,
+        presented: Presentation,
+    ) -> Allow | Deny | Pending | CheckReplay:
+        key = cache_key(token)
+        outcome = introspector.cached(key, now)
+        if outcome is None:
+            if refetched:
+                # The call this request waited for ended without a cached outcome: it failed
+                # (failures are never cached), so fail closed.
+                return INTROSPECTION_UNAVAILABLE
+            return Pending(introspector.introspect(token, key))
+        if isinstance(outcome, TokenRejected):
+            return invalid_token(outcome.reason, outcome.description)
+        return self._route_checks(rules, outcome, now, token, presented)
 
     def _route_checks(
         self, rules: RouteRules, entry: CachedToken, now: float, token: str, presented: Presentation
     ) -> Allow | Deny | CheckReplay:
         if rules.issuers is not None and entry.issuer not in rules.issuers:
             return invalid_token("issuer_not_allowed", "issuer not allowed")
+        audience = entry.audience
+        if audience is not None:
+            accepted = rules.audiences if rules.audiences is not None else entry.issuer_audiences
+            if accepted.isdisjoint(audience):
+                return AUDIENCE_NOT_ALLOWED
         if self.is_revoked(entry.jti, entry.sub, entry.iat, now):
             return invalid_token("revoked", "token revoked")
         proof: AcceptedProof | None = None

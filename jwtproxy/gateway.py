@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from jwtproxy.accesslog import AccessLog
@@ -28,6 +28,7 @@ from jwtproxy.dpopreplay import HostReplayGuard, RedisReplayGuard
 from jwtproxy.forwarded import ProxyTrust
 from jwtproxy.forwardauth import prefix_key
 from jwtproxy.headerpolicy import HeaderPolicy
+from jwtproxy.introspection import Introspector
 from jwtproxy.metrics import WorkerMetrics
 from jwtproxy.revocation import IsRevoked
 from jwtproxy.routing import Router
@@ -127,11 +128,13 @@ class Gateway:
         replay_remote: RedisReplayGuard | None = None,
         assertion_key: AssertionKey | None = None,
         tracer: Tracing | None = None,
+        introspectors: Mapping[str, Introspector[CachedToken]] | None = None,
     ) -> None:
         """``proofs``/``replay_host``: the DPoP checker and the host-wide jti guard (defaults
         for a single process); ``replay_remote``: the cross-node jti guard (Redis), if any;
         ``assertion_key`` signs the assertions when ``[assertion] enabled`` (required then);
-        ``tracer``: the worker's OpenTelemetry tracing, None when it is off."""
+        ``tracer``: the worker's OpenTelemetry tracing, None when it is off;
+        ``introspectors``: the RFC 7662 clients of the introspecting issuers, by issuer name."""
         self.config = config
         #: None unless [tracing] is on: the hot path's only tracing work is this None check.
         self.tracer = tracer
@@ -180,6 +183,7 @@ class Gateway:
             proofs=proofs,
             host_replay=replay_host,
             remote_replay=replay_remote is not None,
+            introspectors=introspectors,
         )
         self.replay_remote = replay_remote
         self.connections: set[ClientConnection] = set()

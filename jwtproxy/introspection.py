@@ -80,6 +80,7 @@ from jwtproxy.accesslog import log_event
 from jwtproxy.config import IssuerConfig
 from jwtproxy.jose import TokenRejected
 from jwtproxy.tracing import OperationTracer
+from jwtproxy.upstream_tls import client_context
 from jwtproxy.verifier import IssuerVerifier, Verified
 
 __all__ = [
@@ -119,6 +120,16 @@ class IntrospectionEndpoint:
     client_secret: str = field(repr=False)
     cache_seconds: float = 60.0  # how long an active outcome is reused (never past exp)
     ca_file: str = ""  # PEM bundle that alone verifies an https endpoint; "" = system store
+
+    @classmethod
+    def of(cls, issuer: IssuerConfig) -> IntrospectionEndpoint:
+        """The endpoint an issuer's config describes (``introspection_endpoint`` must be set)."""
+        if not issuer.introspection_endpoint:
+            raise ValueError(f"issuer {issuer.name} has no introspection_endpoint")
+        return cls(
+            issuer.introspection_endpoint, issuer.introspection_client_id, issuer.introspection_client_secret,
+            issuer.introspection_cache, issuer.ca_file,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,8 +274,9 @@ def _basic_credentials(client_id: str, client_secret: str) -> str:
 class Introspector(Generic[T]):
     """The introspection client of one issuer (see the module docstring).
 
-    ``render`` turns an accepted :class:`Verified` into what the cache keeps and callers get
-    (the gateway renders identity headers once per token this way). ``audiences`` are checked
+    ``render(verified, digest)`` turns an accepted :class:`Verified` (and the token's digest)
+    into what the cache keeps and callers get (the gateway renders identity headers once per
+    token this way). ``audiences`` are checked
     here unless None (then the caller checks :attr:`Verified.audience` per request).
     ``on_result(issuer_name, result)`` counts outcomes: ``active``, ``inactive``, ``rejected``,
     ``error``, ``busy``, ``hit`` (a cached outcome), ``shared`` (joined a call in flight).
@@ -277,7 +289,7 @@ class Introspector(Generic[T]):
         self,
         issuer: IssuerConfig,
         endpoint: IntrospectionEndpoint,
-        render: Callable[[Verified], T],
+        render: Callable[[Verified, bytes], T],
         *,
         audiences: frozenset[str] | None = None,
         policy: IntrospectionPolicy = IntrospectionPolicy(),
@@ -392,7 +404,7 @@ class Introspector(Generic[T]):
             response = await self._post(token)
             now = self._wall_clock()
             verified = introspection_verdict(response, self._checks, now, audiences=self._audiences)
-            outcome: T = self._render(verified)
+            outcome: T = self._render(verified, digest)
         # Outcomes are fresh exceptions that were never raised: a raised one holds its traceback,
         # whose frames hold the token, and a cached outcome must not keep the token alive.
         except IntrospectionFailed as exc:
@@ -420,11 +432,8 @@ class Introspector(Generic[T]):
 
     def _session_for_calls(self) -> aiohttp.ClientSession:
         if self._session is None:
-            if self.endpoint.ca_file:
-                # cafile given: create_default_context loads only this bundle, not the system store.
-                tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=self.endpoint.ca_file)
-            else:
-                tls = True
+            # ca_file given: only this bundle is trusted, not the system store.
+            tls: ssl.SSLContext | bool = client_context(self.endpoint.ca_file) if self.endpoint.ca_file else True
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=tls, limit=self.policy.max_inflight),
                 headers={"User-Agent": f"jwtproxy/{__version__}"},

@@ -169,6 +169,9 @@ class _PromWorker:
         self.upstream_errors = Counter(
             "jwtproxy_upstream_errors_total", "Failures talking to upstreams, by kind.",
             ("upstream", "kind"), registry=None)
+        self.introspection = Counter(
+            "jwtproxy_introspection_total", "RFC 7662 token introspection outcomes, by issuer and result.",
+            ("issuer", "result"), registry=None)
 
 
 #: Statuses ``jwtproxy_requests_total`` has from the start, at 0, for every route: success, and
@@ -188,7 +191,7 @@ class WorkerMetrics:
 
     __slots__ = (
         "_requests", "_auth_failures", "_token_cache", "_jwks_refresh", "_upstream_errors",
-        "_bounds", "_hist", "_hist_sum", "_prom", "_declared",
+        "_introspection", "_bounds", "_hist", "_hist_sum", "_prom", "_declared",
     )
 
     def __init__(self, buckets: Iterable[float] = DURATION_BUCKETS) -> None:
@@ -199,6 +202,7 @@ class WorkerMetrics:
         self._token_cache: defaultdict[str, int] = defaultdict(int)
         self._jwks_refresh: defaultdict[tuple[str, str], int] = defaultdict(int)
         self._upstream_errors: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._introspection: defaultdict[tuple[str, str], int] = defaultdict(int)
         # One slot per bound plus +Inf; bisect_left gives the first bound >= duration,
         # matching Prometheus' inclusive "le".
         self._hist: list[int] = [0] * (len(self._bounds) + 1)
@@ -226,6 +230,12 @@ class WorkerMetrics:
     def jwks_refresh(self, issuer: str, result: str) -> None:
         """Count one JWKS fetch: ``"ok"``, ``"error"`` or ``"unchanged"``."""
         self._jwks_refresh[issuer, result] += 1
+
+    def introspection(self, issuer: str, result: str) -> None:
+        """Count one introspection outcome: ``active``, ``inactive``, ``rejected``, ``error``,
+        ``busy`` (refused: too many calls in flight), ``hit`` (cached) or ``shared`` (joined a
+        call in flight)."""
+        self._introspection[issuer, result] += 1
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         """Count one upstream failure by kind: ``"connect"``, ``"tls"``, ``"reset"``, ``"timeout"``, ``"protocol"``..."""
@@ -269,6 +279,7 @@ class WorkerMetrics:
         cache, self._token_cache = self._token_cache, defaultdict(int)
         jwks, self._jwks_refresh = self._jwks_refresh, defaultdict(int)
         upstream, self._upstream_errors = self._upstream_errors, defaultdict(int)
+        introspection, self._introspection = self._introspection, defaultdict(int)
         hist, self._hist = self._hist, [0] * len(self._hist)
         hist_sum, self._hist_sum = self._hist_sum, 0.0
         declared, self._declared = self._declared, None
@@ -295,6 +306,8 @@ class WorkerMetrics:
             prom.jwks_refresh.labels(issuer, result).inc(n)
         for (name, kind), n in upstream.items():
             prom.upstream_errors.labels(name, kind).inc(n)
+        for (issuer, result), n in introspection.items():
+            prom.introspection.labels(issuer, result).inc(n)
         if any(hist):
             buckets = prom.duration._buckets   # see module docstring
             for i, n in enumerate(hist):

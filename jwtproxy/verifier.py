@@ -30,11 +30,16 @@ step  check                                                  rejection ``reason`
 Claims (RFC 7519 §4.1, contract §4): numeric claims must be JSON numbers that fit an IEEE double
 (no bool, no NaN/Infinity, no 1e400, no 400-digit integers). ``exp`` is always required and
 ``now < exp + leeway``; ``nbf`` and ``iat``, when present, are ``<= now + leeway``;
-``max_lifetime > 0`` requires ``iat`` and ``exp - iat <= max_lifetime``; ``aud`` (string, or
-array of strings) contains a configured audience (:meth:`IssuerVerifier.check_claims` can leave
-that membership test to its caller, who then reads :attr:`Verified.audience`, and can accept a
-token without ``aud``: an RFC 7662 introspection response, whose ``aud`` is optional); ``sub`` and ``jti``, when present (JSON
-``null`` counts as present), are non-empty strings; every ``required_claims`` member is present and not null/""/[]/{}.
+``max_lifetime > 0`` requires ``iat`` and ``exp - iat <= max_lifetime``; the audience claim
+(``aud``, or the issuer's ``aud_claim``, e.g. Cognito's ``client_id``) is a string or an array of
+strings containing a configured audience; ``sub`` and ``jti``, when present (JSON ``null`` counts
+as present), are non-empty strings; every ``required_claims`` member is present and not
+null/""/[]/{}.
+
+Two callers need the audience rule loosened, and say so explicitly: the gateway decides accepted
+audiences per route (``defer_audience``: the claim is checked for shape here, its membership by
+the caller against :attr:`Verified.audience`), and an RFC 7662 introspection response may lack an
+audience altogether (:meth:`IssuerVerifier.check_claims` with ``audience_required=False``).
 
 The issuer is chosen from the *unverified* ``iss`` only to pick keys; the signature is checked
 with that issuer's keys before any other claim is trusted, so a forged ``iss`` buys nothing.
@@ -175,7 +180,7 @@ class IssuerVerifier:
     """Everything one issuer's checks need, computed once per (issuer config, key set)."""
 
     __slots__ = (
-        "issuer", "name", "keys", "secret_keys", "algs", "typs", "audiences", "leeway",
+        "issuer", "name", "keys", "secret_keys", "algs", "typs", "audiences", "aud_claim", "leeway",
         "max_lifetime", "required", "fetches_keys",
     )  # fmt: skip
 
@@ -187,16 +192,19 @@ class IssuerVerifier:
         self.algs = frozenset(a for a in issuer.algorithms if a.lower() != "none")
         self.typs = frozenset(normalise_typ(t) for t in issuer.typ) if issuer.typ else None
         self.audiences = frozenset(issuer.audiences)
+        self.aud_claim = issuer.aud_claim
         self.leeway = float(issuer.leeway)
         self.max_lifetime = float(issuer.max_lifetime)
         self.required = tuple(issuer.required_claims)
-        # An issuer with no JWKS source (HMAC only) has an empty key set, not an unloaded one.
-        self.fetches_keys = bool(issuer.jwks_uri or issuer.discovery or issuer.jwks_file)
+        # An issuer with no JWKS source (HMAC or introspection only) has an empty key set, not an
+        # unloaded one.
+        self.fetches_keys = issuer.fetches_keys
         if self.keys is None and not self.fetches_keys:
             self.keys = KeySet(())
 
-    def verify(self, token: ParsedToken, now: float) -> Verified:
-        """Steps 3-7 for a token whose ``iss`` is this issuer."""
+    def verify(self, token: ParsedToken, now: float, defer_audience: bool = False) -> Verified:
+        """Steps 3-7 for a token whose ``iss`` is this issuer (``defer_audience``: see
+        :meth:`TokenVerifier.verify`)."""
         if token.header["alg"] not in self.algs:
             raise TokenRejected("alg_not_allowed", "algorithm not allowed")
         typs = self.typs
@@ -205,7 +213,7 @@ class IssuerVerifier:
             if typ is None or normalise_typ(typ) not in typs:
                 raise TokenRejected("bad_typ", "token type not allowed")
         check_signature(token, self.keys, self.secret_keys, self.algs, self.name, self.fetches_keys)
-        return self.check_claims(token.payload, now, audiences=self.audiences)
+        return self.check_claims(token.payload, now, audiences=None if defer_audience else self.audiences)
 
     def check_claims(
         self,
@@ -217,9 +225,10 @@ class IssuerVerifier:
     ) -> Verified:
         """Step 7 on signature-verified claims (or on an introspection response's members).
 
+        The audience is read from the issuer's ``aud_claim`` (``aud`` unless configured).
         ``audiences`` are the accepted audiences; None leaves the membership test to the caller
         (the claim's shape is still checked, its values are in :attr:`Verified.audience`).
-        ``audience_required`` False lets a token without ``aud`` pass.
+        ``audience_required`` False lets a token without the audience claim pass.
         """
         leeway = self.leeway
         if "exp" not in claims:
@@ -247,22 +256,24 @@ class IssuerVerifier:
                 raise TokenRejected("missing_claim", "required claim missing: iat")
             if exp - iat > self.max_lifetime:
                 raise TokenRejected("lifetime_exceeded", "token lifetime exceeds the allowed maximum")
-        aud = claims.get("aud")
+        # The claim name comes from the configuration, never from the token.
+        aud_claim = self.aud_claim
+        aud = claims.get(aud_claim)
         audience: frozenset[str] | None
         if aud is None:
             if audience_required:
-                raise TokenRejected("missing_claim", "required claim missing: aud")
-            if "aud" in claims:  # JSON null is a malformed audience, not an absent one
-                raise TokenRejected("bad_claim", "aud claim is not a string or array of strings")
+                raise TokenRejected("missing_claim", f"required claim missing: {aud_claim}")
+            if aud_claim in claims:  # JSON null is a malformed audience, not an absent one
+                raise TokenRejected("bad_claim", f"{aud_claim} claim is not a string or array of strings")
             audience = None
         elif isinstance(aud, str):
             audience = frozenset((aud,))
         elif isinstance(aud, list):
             if not all(isinstance(a, str) for a in aud):
-                raise TokenRejected("bad_claim", "aud claim is not a string or array of strings")
+                raise TokenRejected("bad_claim", f"{aud_claim} claim is not a string or array of strings")
             audience = frozenset(aud)
         else:
-            raise TokenRejected("bad_claim", "aud claim is not a string or array of strings")
+            raise TokenRejected("bad_claim", f"{aud_claim} claim is not a string or array of strings")
         if audiences is not None and audience is not None and audiences.isdisjoint(audience):
             raise TokenRejected("audience_not_allowed", "audience not allowed")
         # "Present" includes JSON null: {"sub": null} is a malformed subject, not a missing one.
@@ -320,9 +331,15 @@ class TokenVerifier:
         iv = self._by_name.get(issuer_name)
         return iv is not None and (issuer_name in self._loaded or not iv.fetches_keys)
 
-    def verify(self, token: str, now: float, allowed_issuers: Collection[str] | None = None) -> Verified:
+    def verify(
+        self, token: str, now: float, allowed_issuers: Collection[str] | None = None, *, defer_audience: bool = False
+    ) -> Verified:
         """Verify ``token`` at time ``now`` (seconds since the epoch) against the issuers named
         in ``allowed_issuers`` (None: every configured issuer).
+
+        ``defer_audience`` leaves the audience *membership* test to the caller, who decides
+        accepted audiences per request (per-route ``audiences``) and reads
+        :attr:`Verified.audience`; the claim is still required and its shape checked.
 
         Raises :class:`TokenRejected`, :class:`UnknownKid` or :class:`KeysNotLoaded`.
         """
@@ -331,7 +348,7 @@ class TokenVerifier:
         iv = self._by_iss.get(iss) if isinstance(iss, str) else None
         if iv is None or (allowed_issuers is not None and iv.name not in allowed_issuers):
             raise TokenRejected("issuer_not_allowed", "issuer not allowed")
-        verified = iv.verify(parsed, now)
+        verified = iv.verify(parsed, now, defer_audience)
         # Verified claims are kept (token cache): their repeated values (iss, aud, ...) as one object.
         CLAIM_VALUES.share_strings(verified.claims)
         return verified

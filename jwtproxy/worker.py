@@ -11,7 +11,9 @@ so what they run is the same object graph::
     Gateway: Router, RouteRuntime per route, UpstreamPools,         |   evict the issuer's cached
              AuthStage(verifier, TokenCache,                        |   verdicts, report status
                        is_revoked = store.is_revoked,               |
-                       refetch_unknown_kid = keys.refetch_unknown_kid)
+                       refetch_unknown_kid = keys.refetch_unknown_kid,
+                       introspectors = {issuer: Introspector})  (issuers with an
+                                                                  introspection_endpoint)
     RevocationStore (seeded with the inherited mirror) ------ WorkerMetrics (counts, flushed 1/s)
 
 Every callback is known when its receiver is built: the verifier comes first, so the key
@@ -24,8 +26,8 @@ the revocation mirror); a new inherited thing is a new field there, read here.
 
 Lifecycle (:class:`Worker`): ``start(sockets)`` opens the revocation store, starts accepting,
 then loads keys (listening first means the accept queue fills while keys load, instead of
-refusing connections); ``stop(timeout)`` drains the gateway, then closes the key manager and the
-store. :func:`serve_worker` adds the process concerns: signals, the ready message, periodic
+refusing connections); ``stop(timeout)`` drains the gateway, then closes the key manager, the
+introspection clients and the store. :func:`serve_worker` adds the process concerns: signals, the ready message, periodic
 status reports and metric flushes.
 """
 
@@ -40,11 +42,12 @@ from typing import TYPE_CHECKING, Any
 
 from jwtproxy.accesslog import log_event
 from jwtproxy.assertion import AssertionKey, generate_key
-from jwtproxy.auth import AUTH_FAILURE_REASONS
+from jwtproxy.auth import AUTH_FAILURE_REASONS, CachedToken, cached_token
 from jwtproxy.config import Config, TracingConfig
 from jwtproxy.dpop import NonceIssuer, ProofChecker
 from jwtproxy.dpopreplay import HostReplayGuard, RedisReplayGuard
 from jwtproxy.gateway import Gateway
+from jwtproxy.introspection import IntrospectionEndpoint, Introspector
 from jwtproxy.jwks import FetchPolicy, KeyManager
 from jwtproxy.metrics import WorkerMetrics
 from jwtproxy.revocation import RevocationStore, open_store
@@ -108,6 +111,20 @@ class Worker:
         self.replay_remote = (
             RedisReplayGuard(config.revocation.redis_url) if config.revocation.backend == "redis" else None
         )
+        mapping = config.claims_to_headers
+        # One RFC 7662 client per issuer with an introspection_endpoint; it renders an accepted
+        # answer into the same cached verdict a JWT gets (identity headers rendered once).
+        self.introspectors: dict[str, Introspector[CachedToken]] = {
+            issuer.name: Introspector(
+                issuer,
+                IntrospectionEndpoint.of(issuer),
+                lambda verified, key: cached_token(verified, key, mapping),
+                on_result=self.metrics.introspection,
+                tracer=self.tracing,
+            )
+            for issuer in config.issuers
+            if issuer.introspection_endpoint
+        }
         self.gateway = Gateway(
             config,
             verifier=verifier,
@@ -119,6 +136,7 @@ class Worker:
             replay_remote=self.replay_remote,
             assertion_key=assertion_signing_key(config, inheritance),
             tracer=self.tracing,
+            introspectors=self.introspectors,
         )
 
         # Every labelled counter exists from the start, at 0 (contract §5.6).
@@ -156,9 +174,12 @@ class Worker:
         await self.keys.start()
 
     async def stop(self, timeout: float) -> None:
-        """Drain (up to ``timeout`` seconds), then close the key manager and the store."""
+        """Drain (up to ``timeout`` seconds), then close the key manager, the introspection
+        clients and the store."""
         await self.gateway.drain(timeout)
         await self.keys.close()
+        for introspector in self.introspectors.values():
+            await introspector.close()
         await self.store.close()
         if self.replay_remote is not None:
             await self.replay_remote.close()
