@@ -91,9 +91,10 @@ async def _verify(config: Config, token: str, issuer: str | None, route_path: st
     """The full verification stage on one token, exactly as a worker runs it."""
     from dataclasses import replace
 
-    from jwtproxy.auth import Allow, Deny, Pending, RouteRules
+    from jwtproxy.auth import Allow, CachedToken, Deny, Pending, RouteRules
     from jwtproxy.config import RouteConfig, TracingConfig
     from jwtproxy.revocation import open_store
+    from jwtproxy.tokencache import cache_key
     from jwtproxy.worker import build_worker
 
     if issuer is not None:
@@ -127,7 +128,10 @@ async def _verify(config: Config, token: str, issuer: str | None, route_path: st
             decision = stage.authorize(rules, token, time.time(), refetched=True)
         result: dict[str, Any] = {"route": route.path_prefix, "keys": worker.keys.status()}
         if isinstance(decision, Allow):
-            claims = _unverified_claims(token)
+            introspector = worker.introspectors.get(decision.issuer or "")
+            introspected = introspector.cached(cache_key(token), time.time()) if introspector else None
+            # An introspected token's claims are the members of its introspection response.
+            claims = dict(introspected.claims) if isinstance(introspected, CachedToken) else _unverified_claims(token)
             result.update(
                 verdict="valid",
                 reason="ok",

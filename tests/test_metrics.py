@@ -43,6 +43,7 @@ def _worker(route: str, n: int, duration: float) -> None:
     m.token_cache("miss")
     m.jwks_refresh("corp", "ok")
     m.upstream_error("payments", "connect")
+    m.introspection("corp", "active")
     m.flush()
     os._exit(0)
 
@@ -80,6 +81,7 @@ def test_aggregates_across_two_processes_and_dead_workers(multiproc_dir: Path) -
     assert sample(text, "jwtproxy_token_cache_total", result="miss") == 2
     assert sample(text, "jwtproxy_jwks_refresh_total", issuer="corp", result="ok") == 2
     assert sample(text, "jwtproxy_upstream_errors_total", upstream="payments", kind="connect") == 2
+    assert sample(text, "jwtproxy_introspection_total", issuer="corp", result="active") == 2
     h = "jwtproxy_request_duration_seconds"
     assert sample(text, h + "_count") == 7
     assert sample(text, h + "_bucket", le="0.0005") == 2          # the two 401s
