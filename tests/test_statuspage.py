@@ -71,7 +71,7 @@ def test_rate_window_rejects_nonsense() -> None:
 
 # ------------------------------------------------------------------------------ the document
 
-ISSUER = IssuerConfig(name="corp", issuer="https://idp.example", jwks_uri="https://u:p@idp.example/jwks?k=secret",
+ISSUER = IssuerConfig(name="corp", issuer="https://idp.example", jwks_uri=("https://u:p@idp.example/jwks?k=secret",),
                       audiences=("api",), algorithms=("RS256", "ES256"))
 FILE_ISSUER = IssuerConfig(name="files", issuer="https://files.example", jwks_file="/etc/jwks.json",
                            audiences=("api",))
@@ -143,6 +143,19 @@ def test_source_url_loses_credentials_query_and_fragment() -> None:
     assert "secret" not in str(doc) and "u:p" not in str(doc)
     assert redact_source("https://[::1]:8443/a?b#c") == "https://[::1]:8443/a"
     assert redact_source("/etc/jwtproxy/jwks.json") == "/etc/jwtproxy/jwks.json"
+
+
+def test_several_jwks_urls_and_an_introspection_endpoint_are_shown_redacted() -> None:
+    several = IssuerConfig(name="multi", issuer="https://m.example", audiences=("api",),
+                           jwks_uri=("https://a.example/jwks?k=secret", "https://u:p@b.example/jwks"))
+    opaque = IssuerConfig(name="opaque", issuer="https://as.example", audiences=("api",),
+                          introspection_endpoint="https://as.example/introspect?client=secret",
+                          introspection_client_id="rs", introspection_client_secret="s3cret")
+    doc = document([], config=Config(path="x.toml", issuers=(several, opaque)))
+    multi, introspected = doc["issuers"]
+    assert (multi["source_kind"], multi["source"]) == ("jwks_uri", "https://a.example/jwks, https://b.example/jwks")
+    assert (introspected["source_kind"], introspected["source"]) == ("introspection", "https://as.example/introspect")
+    assert "secret" not in str(doc) and "u:p" not in str(doc)
 
 
 def test_workers_listed_newest_generation_first_with_state_and_uptime() -> None:
