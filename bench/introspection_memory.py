@@ -6,8 +6,8 @@ A local RFC 7662 endpoint (aiohttp, same process) answers ``{"active": false}`` 
 as a real authorization server answers invented ones. The script reports
 
 * the bytes one cached outcome costs (inactive: a digest, an expiry, a shared rejection; active:
-  the same plus the verdict built from a typical response), measured with tracemalloc over
-  ``--entries`` entries;
+  the same plus the verdict the gateway keeps for a typical response -- claims, rendered identity
+  headers, scopes), measured with tracemalloc over ``--entries`` entries;
 * Python heap (tracemalloc) and RSS after every tenth of a flood of ``--tokens`` distinct random
   tokens sent through ``Introspector.introspect`` with ``--inflight`` concurrent requests, then
   a burst four times wider than ``max_inflight`` (refused at once, no call): the heap must level
@@ -27,7 +27,8 @@ from typing import Any
 
 from aiohttp import web
 
-from jwtproxy.config import IssuerConfig
+from jwtproxy.auth import CachedToken, cached_token
+from jwtproxy.config import DEFAULT_CLAIMS_TO_HEADERS, IssuerConfig
 from jwtproxy.introspection import (
     INACTIVE,
     IntrospectionEndpoint,
@@ -56,7 +57,7 @@ def per_entry(entries: int) -> tuple[float, float]:
     results = []
     for kind in ("inactive", "active"):
         gc.collect()
-        cache: OutcomeCache[Verified] = OutcomeCache(entries)
+        cache: OutcomeCache[CachedToken] = OutcomeCache(entries)
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         for i in range(entries):
@@ -69,7 +70,8 @@ def per_entry(entries: int) -> tuple[float, float]:
                     "exp": int(now) + 3600, "iat": int(now), "iss": ISS, "aud": "api",
                     "token_type": "Bearer", "username": f"user{i}@example.com",
                 }
-                cache.put(digest, now + 60, introspection_verdict(response, checks, now))
+                verified = introspection_verdict(response, checks, now)
+                cache.put(digest, now + 60, cached_token(verified, DEFAULT_CLAIMS_TO_HEADERS))
         after = tracemalloc.get_traced_memory()[0]
         tracemalloc.stop()
         results.append((after - before) / entries)

@@ -586,3 +586,22 @@ async def test_verify_command_introspects_an_opaque_token(
     failed = await _verify(config, "another-token", None, None)
     assert (failed["verdict"], failed["status"]) == ("rejected", 503)
     assert SECRET not in json.dumps([verdict, rejected, failed])
+
+
+async def test_introspection_answer_with_cnf_binds_the_opaque_token(start: Start, endpoint: Endpoint) -> None:
+    from dpop_client import DPoPClient
+
+    client = DPoPClient("ES256")
+    endpoint.answers[OPAQUE] = active(cnf={"jkt": client.jkt}, token_type="DPoP")
+    gw = await start()
+    # Presented as a bearer token, without the proof of possession: refused.
+    status, _, body = await call(gw.port, "/orders", OPAQUE)
+    assert status == 401 and body["error"] == "invalid_token"
+    url = f"http://127.0.0.1:{gw.port}/orders"
+    proof = client.proof("GET", url, OPAQUE)
+    status, _, _ = await call(gw.port, "/orders", None, {"Authorization": f"DPoP {OPAQUE}", "DPoP": proof})
+    assert status == 200
+    stranger = DPoPClient("ES256").proof("GET", url, OPAQUE)  # a proof by another key
+    status, _, body = await call(gw.port, "/orders", None, {"Authorization": f"DPoP {OPAQUE}", "DPoP": stranger})
+    assert status == 401 and body["error"] == "invalid_dpop_proof"
+    assert endpoint.count(OPAQUE) == 1
