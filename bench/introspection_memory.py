@@ -71,7 +71,7 @@ def per_entry(entries: int) -> tuple[float, float]:
                     "token_type": "Bearer", "username": f"user{i}@example.com",
                 }
                 verified = introspection_verdict(response, checks, now)
-                cache.put(digest, now + 60, cached_token(verified, DEFAULT_CLAIMS_TO_HEADERS))
+                cache.put(digest, now + 60, cached_token(verified, digest, DEFAULT_CLAIMS_TO_HEADERS))
         after = tracemalloc.get_traced_memory()[0]
         tracemalloc.stop()
         results.append((after - before) / entries)
@@ -97,7 +97,7 @@ async def flood(tokens: int, entries: int, inflight: int) -> None:
     issuer = IssuerConfig(name="as", issuer=ISS, audiences=("api",))
     endpoint = IntrospectionEndpoint(f"http://127.0.0.1:{port}/introspect", "rs", "secret", 60.0)
     intro: Introspector[Verified] = Introspector(
-        issuer, endpoint, lambda v: v, policy=IntrospectionPolicy(max_entries=entries, max_inflight=inflight),
+        issuer, endpoint, lambda v, digest: v, policy=IntrospectionPolicy(max_entries=entries, max_inflight=inflight),
         log=lambda line: None,
     )
     gc.collect()

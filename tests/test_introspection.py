@@ -287,7 +287,7 @@ async def make(endpoint: Endpoint) -> AsyncIterator[Factory]:
         kw.setdefault("log", [].append)
         kw.setdefault("audiences", API)
         target = IntrospectionEndpoint(url or endpoint.url, client_id, client_secret, cache_seconds, ca_file)
-        introspector: Introspector[Verified] = Introspector(kw.pop("issuer", issuer()), target, lambda v: v, **kw)
+        introspector: Introspector[Verified] = Introspector(kw.pop("issuer", issuer()), target, lambda v, digest: v, **kw)
         made.append(introspector)
         return introspector
 

@@ -91,7 +91,7 @@ def issuer_config(provider: ProviderProcess) -> IssuerConfig:
 
 def introspector(provider: ProviderProcess, secret: str = INTROSPECTOR[1]) -> Introspector[Verified]:
     endpoint = IntrospectionEndpoint(f"{provider.issuer}/token/introspection", INTROSPECTOR[0], secret, 60.0)
-    return Introspector(issuer_config(provider), endpoint, lambda verified: verified,
+    return Introspector(issuer_config(provider), endpoint, lambda verified, digest: verified,
                         audiences=frozenset({AUDIENCE}), log=[].append)
 
 
