@@ -136,14 +136,16 @@ def counter_totals(
 class _KnownLabels:
     """Label values to create at 0 (``WorkerMetrics.declare``)."""
 
-    __slots__ = ("requests", "reasons", "upstream_errors", "jwks")
+    __slots__ = ("requests", "reasons", "upstream_errors", "jwks", "introspection")
 
     def __init__(self, requests: list[tuple[str, str, str]], reasons: list[str],
-                 upstream_errors: list[tuple[str, str]], jwks: list[tuple[str, str]]) -> None:
+                 upstream_errors: list[tuple[str, str]], jwks: list[tuple[str, str]],
+                 introspection: list[tuple[str, str]]) -> None:
         self.requests = requests
         self.reasons = reasons
         self.upstream_errors = upstream_errors
         self.jwks = jwks
+        self.introspection = introspection
 
 
 class _PromWorker:
@@ -184,6 +186,7 @@ UNROUTED_STATUSES: tuple[str, ...] = ("400", "404")
 #: Results of ``jwtproxy_token_cache_total`` and ``jwtproxy_jwks_refresh_total``.
 TOKEN_CACHE_RESULTS: tuple[str, ...] = ("hit", "miss")
 JWKS_REFRESH_RESULTS: tuple[str, ...] = ("ok", "unchanged", "error")
+INTROSPECTION_RESULTS: tuple[str, ...] = ("active", "inactive", "rejected", "error", "busy", "hit", "shared")
 
 
 class WorkerMetrics:
@@ -250,11 +253,13 @@ class WorkerMetrics:
         upstreams: Iterable[str],
         upstream_kinds: Iterable[str],
         issuers: Iterable[str],
+        introspecting: Iterable[str] = (),
     ) -> None:
         """Label values every labelled counter has from the start, at 0 (the next ``flush()``
         creates them): ``routes`` with :data:`ROUTE_STATUSES` (plus "-" with
         :data:`UNROUTED_STATUSES`) on each kind of listener, every failure ``reason``, each upstream with each kind, each
-        issuer with :data:`JWKS_REFRESH_RESULTS`, and :data:`TOKEN_CACHE_RESULTS`."""
+        issuer with :data:`JWKS_REFRESH_RESULTS`, each ``introspecting`` issuer with
+        :data:`INTROSPECTION_RESULTS`, and :data:`TOKEN_CACHE_RESULTS`."""
         kinds = list(listeners)
         routes = list(routes)
         self._declared = _KnownLabels(
@@ -263,6 +268,7 @@ class WorkerMetrics:
             reasons=list(reasons),
             upstream_errors=[(name, kind) for name in upstreams for kind in upstream_kinds],
             jwks=[(issuer, result) for issuer in issuers for result in JWKS_REFRESH_RESULTS],
+            introspection=[(issuer, result) for issuer in introspecting for result in INTROSPECTION_RESULTS],
         )
 
     # -- publishing -------------------------------------------------------------------------
@@ -293,6 +299,8 @@ class WorkerMetrics:
                 prom.upstream_errors.labels(upstream_label, kind_label)
             for issuer_label, result_label in declared.jwks:
                 prom.jwks_refresh.labels(issuer_label, result_label)
+            for issuer_label, result_label in declared.introspection:
+                prom.introspection.labels(issuer_label, result_label)
             for cache_label in TOKEN_CACHE_RESULTS:
                 prom.token_cache.labels(cache_label)
 

@@ -147,6 +147,7 @@ class Worker:
             upstreams=list(config.upstreams),
             upstream_kinds=UPSTREAM_ERROR_KINDS,
             issuers=[issuer.name for issuer in config.issuers],
+            introspecting=list(self.introspectors),
         )
 
     def _keys_changed(self, issuer: str) -> None:

@@ -28,6 +28,7 @@ from daemon_harness import Daemon, http
 from helpers import AUDIENCE, ISSUER, Backend, SigningKey, free_port, write_jwks
 from jwtproxy.auth import AUTH_FAILURE_REASONS
 from jwtproxy.metrics import (
+    INTROSPECTION_RESULTS,
     JWKS_REFRESH_RESULTS,
     ROUTE_STATUSES,
     TOKEN_CACHE_RESULTS,
@@ -74,7 +75,8 @@ def multiproc_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 def test_declared_labels_exist_at_zero_after_the_first_flush(multiproc_dir: Path) -> None:
     m = WorkerMetrics()
     m.declare(routes=["/api", "api.example/v2"], reasons=["expired", "missing_token"],
-              upstreams=["payments"], upstream_kinds=["connect", "timeout"], issuers=["corp"])
+              upstreams=["payments"], upstream_kinds=["connect", "timeout"], issuers=["corp"],
+              introspecting=["opaque"])
     assert "jwtproxy_auth_failures_total" not in render_metrics().decode()   # nothing before the flush
     m.flush()
     text = render_metrics().decode()
@@ -92,6 +94,8 @@ def test_declared_labels_exist_at_zero_after_the_first_flush(multiproc_dir: Path
         assert value(text, "jwtproxy_jwks_refresh_total", issuer="corp", result=result) == 0.0
     for result in TOKEN_CACHE_RESULTS:
         assert value(text, "jwtproxy_token_cache_total", result=result) == 0.0
+    assert samples(text, "jwtproxy_introspection_total") == {
+        frozenset({("issuer", "opaque"), ("result", result)}): 0.0 for result in INTROSPECTION_RESULTS}
     # Counting afterwards adds to the same series; flushing again does not re-create or reset.
     m.auth_failure("expired")
     m.request("/api", 401, 0.001)
