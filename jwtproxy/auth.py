@@ -261,6 +261,12 @@ class CachedToken:
     cnf: Confirmation = UNBOUND
 
 
+@lru_cache(maxsize=256)
+def _accepted_audiences(audiences: tuple[str, ...]) -> frozenset[str]:
+    """An issuer's accepted audiences, one set shared by all its cached verdicts."""
+    return frozenset(audiences)
+
+
 def cached_token(verified: Verified, key: bytes, claims_to_headers: tuple[tuple[str, str], ...]) -> CachedToken:
     """The cacheable verdict on a verified token (a JWT, or an introspection response) whose cache
     key is ``key``: identity headers rendered once, the binding read, what an assertion is made
@@ -283,7 +289,7 @@ def cached_token(verified: Verified, key: bytes, claims_to_headers: tuple[tuple[
             identity, verified.sub, verified.jti, issuer.name, token_key=key, claims=claims, exp=verified.exp
         ),
         audience=verified.audience,
-        issuer_audiences=frozenset(issuer.audiences),
+        issuer_audiences=_accepted_audiences(issuer.audiences),
         cnf=read_confirmation(claims),
     )
 

@@ -267,11 +267,12 @@ class IssuerVerifier:
                 raise TokenRejected("bad_claim", f"{aud_claim} claim is not a string or array of strings")
             audience = None
         elif isinstance(aud, str):
-            audience = frozenset((aud,))
+            audience = AUDIENCE_SETS.lookup("aud", aud) or AUDIENCE_SETS.remember("aud", aud, frozenset((aud,)))
         elif isinstance(aud, list):
             if not all(isinstance(a, str) for a in aud):
                 raise TokenRejected("bad_claim", f"{aud_claim} claim is not a string or array of strings")
-            audience = frozenset(aud)
+            key = tuple(aud)
+            audience = AUDIENCE_SETS.lookup("auds", key) or AUDIENCE_SETS.remember("auds", key, frozenset(aud))
         else:
             raise TokenRejected("bad_claim", f"{aud_claim} claim is not a string or array of strings")
         if audiences is not None and audience is not None and audiences.isdisjoint(audience):
@@ -292,6 +293,8 @@ class IssuerVerifier:
 
 #: Repeated claim values of verified tokens, shared (see :class:`jwtproxy.tokencache.Repeats`).
 CLAIM_VALUES = Repeats()
+#: The audience sets of verified tokens (Verified.audience): one frozenset per distinct audience.
+AUDIENCE_SETS = Repeats()
 
 
 class TokenVerifier:

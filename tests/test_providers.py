@@ -605,3 +605,24 @@ async def test_introspection_answer_with_cnf_binds_the_opaque_token(start: Start
     status, _, body = await call(gw.port, "/orders", None, {"Authorization": f"DPoP {OPAQUE}", "DPoP": stranger})
     assert status == 401 and body["error"] == "invalid_dpop_proof"
     assert endpoint.count(OPAQUE) == 1
+
+
+def test_audience_sets_are_shared_between_cached_verdicts() -> None:
+    """Each cached verdict keeps its token's audience (the route check needs it): equal audiences
+    are one set, and an issuer's accepted audiences one set for all its verdicts."""
+    from jwtproxy.auth import cached_token
+    from jwtproxy.config import IssuerConfig
+    from jwtproxy.verifier import IssuerVerifier
+
+    issuer = IssuerConfig(name="i", issuer=ISSUER, audiences=("api", "billing"))
+    checks = IssuerVerifier(issuer, None)
+    now = time.time()
+    verdicts = [
+        cached_token(checks.check_claims({"sub": f"u{i}", "exp": now + 60, "aud": "a" + "pi"}, now), b"k", ())
+        for i in range(3)
+    ]
+    assert verdicts[0].audience == frozenset({"api"})
+    assert all(v.audience is verdicts[0].audience for v in verdicts)
+    assert all(v.issuer_audiences is verdicts[0].issuer_audiences for v in verdicts)
+    listed = [checks.check_claims({"sub": "u", "exp": now + 60, "aud": ["api", "x"]}, now) for _ in range(2)]
+    assert listed[0].audience == frozenset({"api", "x"}) and listed[0].audience is listed[1].audience
