@@ -3,7 +3,7 @@
 # PID 1 is not systemd, and print a transcript: Type=notify start, requests, reload, watchdog
 # pings, a hung supervisor killed and restarted by the watchdog, a clean stop.
 #
-#   sudo tools/systemd-boot.sh [REPO]      (REPO defaults to this script's repository)
+#   sudo tests/systemd/boot.sh [REPO]      (REPO defaults to this script's repository)
 #
 # How: systemd (the distribution's /lib/systemd/systemd, 252 on Debian 12) becomes PID 1 of
 # fresh PID, mount, network, UTS, IPC and cgroup namespaces (`unshare`), booting one target that
@@ -15,7 +15,7 @@
 # from the service). Needs root, util-linux (unshare, nsenter), systemd, curl, python3-venv.
 set -euo pipefail
 
-REPO=${1:-$(cd "$(dirname "$0")/.." && pwd)}
+REPO=${1:-$(cd "$(dirname "$0")/../.." && pwd)}
 WORK=/opt/jwtproxy-systemd-boot
 VENV=$WORK/venv
 CG=jwtproxy-systemd-boot
