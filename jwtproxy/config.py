@@ -65,7 +65,9 @@ __all__ = [
     "DEFAULT_CLAIMS_TO_HEADERS",
     "IssuerConfig",
     "KNOWN_ALGORITHMS",
+    "LimitsConfig",
     "ListenAddr",
+    "RateLimitConfig",
     "RevocationConfig",
     "TracingConfig",
     "RouteConfig",
@@ -226,6 +228,18 @@ class IssuerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """A route's ``rate_limit``: at most ``requests`` + ``burst`` in any ``per`` seconds, and
+    ``requests`` per ``per`` for a steady sender, counted per ``key``: a claim name,
+    ``"client_ip"`` or ``"token"`` (printable ASCII: it is named in the RateLimit fields)."""
+
+    requests: int
+    per: float
+    burst: int = 0
+    key: str = "client_ip"
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """One ``[[route]]``. ``upstream`` names a key of :attr:`Config.upstreams`; ``issuers`` are
     issuer names; ``require_claims`` is ``((claim, allowed_values), ...)`` in file order."""
@@ -242,6 +256,7 @@ class RouteConfig:
     strip_prefix: bool = False
     cors_preflight: Literal["forward", "auth"] = "forward"
     token_binding: Literal["", "allow", "require"] = ""  # "" = each issuer's own setting
+    rate_limit: RateLimitConfig | None = None  # None: no rate limit on this route
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +317,18 @@ class TracingConfig:
     service_name: str = "jwtproxy"
 
 
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """``[limits]``: where rate-limit cells live, the per-address verification-failure budget and
+    the connection caps. ``redis_url`` is resolved: ``[revocation] redis_url`` when not given."""
+
+    backend: Literal["local", "redis"] = "local"
+    redis_url: str = field(default="", repr=False)  # may hold a password
+    failures_per_ip: int = 0  # 0 = no failure budget
+    max_connections: int = 10000  # client connections per worker
+    upstream_max_connections: int = 1024  # per upstream target, summed over a host's workers
+
+
 def _no_upstreams() -> Mapping[str, UpstreamConfig]:
     return types.MappingProxyType({})
 
@@ -324,6 +351,7 @@ class Config:
     assertion: AssertionConfig = AssertionConfig()
     authz: AuthzConfig = AuthzConfig()
     tracing: TracingConfig = TracingConfig()
+    limits: LimitsConfig = LimitsConfig()
 
 
 class ConfigError(Exception):
@@ -399,13 +427,14 @@ def parse_config(data: Mapping[str, Any], filename: str, env: Mapping[str, str] 
     revocation = _parse_revocation(p, root.table("revocation", _REVOCATION_KEYS))
     assertion = _parse_assertion(p, root.table("assertion", _ASSERTION_KEYS), token, claims_to_headers)
     tracing = _parse_tracing(p, root.table("tracing", _TRACING_KEYS))
+    limits = _parse_limits(p, root.table("limits", _LIMITS_KEYS), revocation)
     if p.items:
         raise ConfigError(p.items)
     # No problems means every part parsed; the checks below only narrow the types for mypy.
     if (
         server is None or admin is None or token is None or issuers is None or upstreams is None
         or routes is None or claims_to_headers is None or revocation is None or assertion is None
-        or authz is None or tracing is None
+        or authz is None or tracing is None or limits is None
     ):  # pragma: no cover - guarded by the problem list above
         raise ConfigError([f"{filename}: internal error: incomplete configuration"])
     return Config(
@@ -421,6 +450,7 @@ def parse_config(data: Mapping[str, Any], filename: str, env: Mapping[str, str] 
         assertion=assertion,
         authz=authz,
         tracing=tracing,
+        limits=limits,
     )
 
 
@@ -661,6 +691,7 @@ _PORT = re.compile(r"[0-9]{1,5}")
 _ROOT_KEYS = (
     "server", "admin", "token", "issuer", "route", "upstream", "claims_to_headers", "revocation", "assertion",
     "authz", "tracing",
+    "limits",
 )  # fmt: skip
 _SERVER_KEYS = (
     "listen", "workers", "http_parser", "tls_cert", "tls_key", "max_header_bytes", "max_body_bytes",
@@ -679,7 +710,7 @@ _ISSUER_KEYS = (
 )  # fmt: skip
 _ROUTE_KEYS = (
     "path_prefix", "host", "upstream", "auth", "issuers", "audiences", "require_scopes",
-    "require_claims", "forward_token", "strip_prefix", "cors_preflight", "token_binding",
+    "require_claims", "forward_token", "strip_prefix", "cors_preflight", "token_binding", "rate_limit",
 )  # fmt: skip
 _UPSTREAM_KEYS = (
     "targets", "connect_timeout", "response_timeout", "idle_timeout", "max_idle", "preserve_host",
@@ -688,6 +719,10 @@ _UPSTREAM_KEYS = (
 _REVOCATION_KEYS = ("backend", "sqlite_path", "redis_url")
 _ASSERTION_KEYS = ("enabled", "header", "issuer", "algorithm", "key_files", "lifetime", "claims")
 _TRACING_KEYS = ("otlp_endpoint", "sample_ratio", "service_name")
+_LIMITS_KEYS = (
+    "backend", "redis_url", "failures_per_ip", "max_connections", "upstream_max_connections",
+)  # fmt: skip
+_RATE_LIMIT_KEYS = ("requests", "per", "burst", "key")
 
 _D_SERVER = ServerConfig()
 _D_ADMIN = AdminConfig()
@@ -698,6 +733,7 @@ _D_ROUTE = RouteConfig(path_prefix="/")
 _D_UPSTREAM = UpstreamConfig(name="", targets=())
 _D_REVOCATION = RevocationConfig()
 _D_ASSERTION = AssertionConfig()
+_D_LIMITS = LimitsConfig()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1404,6 +1440,7 @@ def _parse_route(
     strip_prefix = t.boolean("strip_prefix", d.strip_prefix)
     cors_preflight = t.choice("cors_preflight", d.cors_preflight, ("forward", "auth"))
     token_binding = t.choice("token_binding", d.token_binding, ("", "allow", "require"))
+    rate_limit = _parse_rate_limit(t, auth if t.ok("auth") else None)
     if len(t.p.items) != n:
         return None
     return RouteConfig(
@@ -1419,7 +1456,40 @@ def _parse_route(
         strip_prefix=strip_prefix,
         cors_preflight=cors_preflight,
         token_binding=token_binding,
+        rate_limit=rate_limit,
     )
+
+
+_RATE_LIMIT_KEYWORDS: Final = ("client_ip", "token")
+
+
+def _parse_rate_limit(route: _Table, auth: str | None) -> RateLimitConfig | None:
+    """A route's ``rate_limit`` inline table; ``{}`` (the default) is no limit."""
+    t = route.table("rate_limit", _RATE_LIMIT_KEYS)
+    if t is None or not t.data:
+        return None
+    n = len(t.p.items)
+    for key in ("requests", "per"):
+        if key not in t.data:
+            t.fail(key, "is required")
+    requests = t.integer("requests", 1, minimum=1)
+    per = t.duration("per", 1.0, positive=True)
+    burst = t.integer("burst", 0)
+    key = t.string("key", "client_ip")
+    if t.ok("key"):
+        if not key:
+            t.fail("key", 'must not be empty: a claim name, "client_ip" or "token"')
+        elif not (key.isascii() and key.isprintable()):
+            t.fail("key", "a claim name here must be printable ASCII (it is named in the "
+                          "RateLimit response fields)")
+        elif key not in _RATE_LIMIT_KEYWORDS and auth == "off":
+            # Without verification there are no claims: every request would fall back to its
+            # address, which is not what a per-claim limit says.
+            t.fail("key", f"'{key}' is a claim, but the route has auth = \"off\" (use "
+                          f"\"client_ip\" or \"token\")")
+    if len(t.p.items) != n:
+        return None
+    return RateLimitConfig(requests=requests, per=per, burst=burst, key=key)
 
 
 def _known(names: Sequence[str], what: str) -> str:
@@ -1623,3 +1693,28 @@ def _tracing_sdk_installed() -> bool:
                 and importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http.trace_exporter") is not None)
     except ModuleNotFoundError:
         return False
+def _parse_limits(p: _Problems, t: _Table | None, revocation: RevocationConfig | None) -> LimitsConfig | None:
+    if t is None:
+        return None
+    n = len(p.items)
+    d = _D_LIMITS
+    backend = t.choice("backend", d.backend, ("local", "redis"))
+    redis_url = t.secret("redis_url", d.redis_url)
+    if t.ok("redis_url") and redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        t.fail("redis_url", "expected a redis://, rediss:// or unix:// URL")  # not echoed: may hold a password
+    if not redis_url and revocation is not None:
+        redis_url = revocation.redis_url
+    if t.ok("backend", "redis_url") and backend == "redis" and not redis_url and revocation is not None:
+        t.fail("redis_url", 'must not be empty with backend = "redis" (nor revocation.redis_url)')
+    failures_per_ip = t.integer("failures_per_ip", d.failures_per_ip)
+    max_connections = t.integer("max_connections", d.max_connections, minimum=1)
+    upstream_max_connections = t.integer("upstream_max_connections", d.upstream_max_connections, minimum=1)
+    if len(p.items) != n:
+        return None
+    return LimitsConfig(
+        backend=backend,
+        redis_url=redis_url,
+        failures_per_ip=failures_per_ip,
+        max_connections=max_connections,
+        upstream_max_connections=upstream_max_connections,
+    )

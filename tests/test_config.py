@@ -20,7 +20,9 @@ from jwtproxy.config import (
     Config,
     ConfigError,
     IssuerConfig,
+    LimitsConfig,
     ListenAddr,
+    RateLimitConfig,
     RevocationConfig,
     RouteConfig,
     ServerConfig,
@@ -39,7 +41,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 F = "t.toml"
 SECRET = "s" * 32
 ALL_ALGS = "RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 ES512 EdDSA Ed25519 HS256 HS384 HS512"
-ROOT_KEYS = "server, admin, token, issuer, route, upstream, claims_to_headers, revocation, assertion, authz, tracing"
+ROOT_KEYS = "server, admin, token, issuer, route, upstream, claims_to_headers, revocation, assertion, authz, tracing, limits"
 
 
 def base() -> dict[str, Any]:
@@ -125,6 +127,7 @@ def test_shipped_sample_sets_every_documented_key() -> None:
     assert set(data["assertion"]) == set(mod._ASSERTION_KEYS)
     assert set(data["authz"]) == set(mod._AUTHZ_KEYS)
     assert set(data["tracing"]) == set(mod._TRACING_KEYS)
+    assert set(data["limits"]) == set(mod._LIMITS_KEYS)
 
 
 FULL = """
@@ -181,6 +184,7 @@ require_claims = { role = ["merchant", "admin"], tier = "gold" }
 forward_token = false
 strip_prefix = true
 cors_preflight = "auth"
+rate_limit = { requests = 100, per = 60, burst = 20, key = "sub" }
 
 [[route]]
 path_prefix = "/payments"
@@ -208,6 +212,12 @@ preserve_host = false
 backend = "redis"
 sqlite_path = "/var/lib/jwtproxy/rev.db"
 redis_url = "env:REDIS_URL"
+
+[limits]
+backend = "redis"
+failures_per_ip = 20
+max_connections = 5000
+upstream_max_connections = 256
 """
 
 
@@ -287,6 +297,7 @@ def test_full_config_parses_to_the_expected_objects(tmp_path: pathlib.Path) -> N
                 forward_token=False,
                 strip_prefix=True,
                 cors_preflight="auth",
+                rate_limit=RateLimitConfig(requests=100, per=60.0, burst=20, key="sub"),
             ),
             RouteConfig(path_prefix="/payments", host="*.example.com", upstream="payments"),
             RouteConfig(path_prefix="/health", upstream="payments", auth="off"),
@@ -311,6 +322,11 @@ def test_full_config_parses_to_the_expected_objects(tmp_path: pathlib.Path) -> N
         claims_to_headers=(("x-user-id", "sub"), ("x-tenant", "tid")),
         revocation=RevocationConfig(
             backend="redis", sqlite_path="/var/lib/jwtproxy/rev.db", redis_url="rediss://:pw@redis:6380/1"
+        ),
+        # redis_url not given: the revocation one.
+        limits=LimitsConfig(
+            backend="redis", redis_url="rediss://:pw@redis:6380/1", failures_per_ip=20, max_connections=5000,
+            upstream_max_connections=256,
         ),
     )
     assert cfg == expected
@@ -378,6 +394,24 @@ def test_defaults() -> None:
     )
     assert cfg.claims_to_headers == (("x-user-id", "sub"), ("x-user-role", "role"), ("x-scope", "scope"))
     assert cfg.revocation == RevocationConfig("sqlite", "jwtproxy-revocations.db", "redis://127.0.0.1:6379/0")
+    assert cfg.limits == LimitsConfig("local", "redis://127.0.0.1:6379/0", 0, 10000, 1024)
+    assert cfg.routes[0].rate_limit is None
+
+
+def test_rate_limit_defaults_and_an_empty_table_is_no_limit() -> None:
+    cfg = parse(with_(_route(rate_limit={"requests": 5, "per": 1})))
+    assert cfg.routes[0].rate_limit == RateLimitConfig(requests=5, per=1.0, burst=0, key="client_ip")
+    assert parse(with_(_route(rate_limit={}))).routes[0].rate_limit is None
+    # "client_ip" and "token" work without verification; claims need it.
+    off = with_(_route(auth="off", rate_limit={"requests": 5, "per": 1, "key": "token"}))
+    assert parse(off).routes[0].rate_limit == RateLimitConfig(5, 1.0, 0, "token")
+
+
+def test_limits_redis_url_of_its_own_and_from_env() -> None:
+    data = with_(lambda d: d.update(limits={"backend": "redis", "redis_url": "env:RL"}))
+    cfg = parse(data, env={"RL": "redis://:pw@limits:6379/2"})
+    assert cfg.limits.redis_url == "redis://:pw@limits:6379/2"
+    assert "pw@limits" not in repr(cfg)
 
 
 def test_durations_come_out_as_float() -> None:
@@ -1167,6 +1201,63 @@ CASES: list[tuple[str, Mutation, str]] = [
     ("sample_ratio type", _set("tracing", sample_ratio="0.5"), "tracing.sample_ratio: expected a number from 0 to 1, got string"),
     ("sample_ratio bool", _set("tracing", sample_ratio=True), "tracing.sample_ratio: expected a number from 0 to 1, got boolean"),
     ("service_name empty", _set("tracing", service_name=" "), "tracing.service_name: must not be empty"),
+    # --- rate limits
+    ("rate_limit type", _route(rate_limit=5), "route[0].rate_limit: expected a table ([route[0].rate_limit]), got integer"),
+    ("rate_limit requests missing", _route(rate_limit={"per": 1}), "route[0].rate_limit.requests: is required"),
+    ("rate_limit per missing", _route(rate_limit={"requests": 1}), "route[0].rate_limit.per: is required"),
+    (
+        "rate_limit requests zero",
+        _route(rate_limit={"requests": 0, "per": 1}),
+        "route[0].rate_limit.requests: must be at least 1, got 0",
+    ),
+    (
+        "rate_limit per zero",
+        _route(rate_limit={"requests": 1, "per": 0}),
+        "route[0].rate_limit.per: must be greater than 0, got 0",
+    ),
+    (
+        "rate_limit burst negative",
+        _route(rate_limit={"requests": 1, "per": 1, "burst": -1}),
+        "route[0].rate_limit.burst: must be at least 0, got -1",
+    ),
+    (
+        "rate_limit unknown key",
+        _route(rate_limit={"requests": 1, "per": 1, "brust": 2}),
+        "route[0].rate_limit.brust: unknown key (did you mean 'burst'?)",
+    ),
+    (
+        "rate_limit key empty",
+        _route(rate_limit={"requests": 1, "per": 1, "key": ""}),
+        'route[0].rate_limit.key: must not be empty: a claim name, "client_ip" or "token"',
+    ),
+    (
+        "rate_limit key not ascii",
+        _route(rate_limit={"requests": 1, "per": 1, "key": "sübject"}),
+        "route[0].rate_limit.key: a claim name here must be printable ASCII (it is named in the RateLimit "
+        "response fields)",
+    ),
+    (
+        "rate_limit claim on auth off",
+        _route(auth="off", rate_limit={"requests": 1, "per": 1, "key": "sub"}),
+        'route[0].rate_limit.key: \'sub\' is a claim, but the route has auth = "off" (use "client_ip" or '
+        '"token")',
+    ),
+    # --- limits
+    ("limits backend", _set("limits", backend="memcached"), "limits.backend: expected one of 'local', 'redis', got 'memcached'"),
+    ("limits redis_url scheme", _set("limits", redis_url="http://h"), "limits.redis_url: expected a redis://, rediss:// or unix:// URL"),
+    (
+        "limits redis without any url",
+        lambda d: d.update(revocation={"redis_url": ""}, limits={"backend": "redis"}),
+        'limits.redis_url: must not be empty with backend = "redis" (nor revocation.redis_url)',
+    ),
+    ("limits failures negative", _set("limits", failures_per_ip=-1), "limits.failures_per_ip: must be at least 0, got -1"),
+    ("limits max_connections zero", _set("limits", max_connections=0), "limits.max_connections: must be at least 1, got 0"),
+    (
+        "limits upstream_max_connections zero",
+        _set("limits", upstream_max_connections=0),
+        "limits.upstream_max_connections: must be at least 1, got 0",
+    ),
+    ("limits not a table", lambda d: d.update(limits=[]), "limits: expected a table ([limits]), got array"),
 ]
 
 
