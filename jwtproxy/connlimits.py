@@ -36,12 +36,15 @@ import asyncio
 import collections
 import resource
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 from .sharedtable import SharedTable
 
 __all__ = [
     "BUSY_RESPONSE",
+    "HostTables",
+    "WorkerColumns",
     "PendingQueue",
     "QueueFull",
     "UpstreamSlots",
@@ -66,6 +69,65 @@ BUSY_RESPONSE: Final = (
 
 #: Seconds between checks for slots freed by other workers, while requests wait.
 CROSS_WORKER_POLL: Final = 0.01
+
+
+#: Sizes of the host's tables. Rate cells live until their TAT and failure counts one second, so
+#: these bound the clients tracked at once (an evicted cell restarts that client's count: the
+#: table errs on the side of admitting); counters need one slot per upstream target.
+RATE_CELLS: Final = 131072
+FAILURE_CELLS: Final = 65536
+CONNECTION_COUNTERS: Final = 1024
+#: Worker columns of the connection counters: workers alive at once (a reload overlaps two
+#: generations, and restarts) beyond this share columns (see :class:`WorkerColumns`).
+WORKER_COLUMNS: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class HostTables:
+    """The shared tables of one supervisor, made before it forks (contract §5.5: limits hold
+    across all workers of a host). ~6 MB of shared memory in all."""
+
+    rates: SharedTable  # GCRA cells: one value (TAT)
+    failures: SharedTable  # failure budget: window start, count
+    connections: SharedTable  # open upstream connections per target: one value per worker column
+
+    @classmethod
+    def create(cls) -> HostTables:
+        return cls(
+            rates=SharedTable(RATE_CELLS, values=1),
+            failures=SharedTable(FAILURE_CELLS, values=2),
+            connections=SharedTable(CONNECTION_COUNTERS, values=WORKER_COLUMNS),
+        )
+
+    def close(self) -> None:
+        for table in (self.rates, self.failures, self.connections):
+            table.close()
+
+
+class WorkerColumns:
+    """Which column of the connection counters each live worker writes (the supervisor's book).
+
+    A worker takes a free column when it is forked; when it exits, the column is cleared (the
+    connections it held are gone with it, whether it drained or was killed) and freed. With more
+    workers alive than columns, the least shared column is shared: its counts are then cleared
+    only when its last user exits (until then a dead sharer's connections still count, which
+    errs towards fewer upstream connections, never more)."""
+
+    __slots__ = ("table", "_users")
+
+    def __init__(self, table: SharedTable) -> None:
+        self.table = table
+        self._users = [0] * table.values
+
+    def take(self) -> int:
+        column = min(range(len(self._users)), key=self._users.__getitem__)
+        self._users[column] += 1
+        return column
+
+    def give_back(self, column: int) -> None:
+        self._users[column] -= 1
+        if self._users[column] == 0:
+            self.table.clear_column(column)
 
 
 def raise_open_file_limit() -> tuple[int, int]:
