@@ -56,6 +56,7 @@ from jwtproxy.accesslog import log_event
 from jwtproxy.codec import unwrap_callback_error
 from jwtproxy.config import Target, UpstreamConfig
 from jwtproxy.upstream_tls import client_context, failure_reason
+from jwtproxy.connlimits import CROSS_WORKER_POLL, PendingQueue, QueueFull, UpstreamSlots
 
 __all__ = ["ResponseSink", "UpstreamConnection", "UpstreamError", "UpstreamPool"]
 
@@ -70,13 +71,21 @@ UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect", "tls", "reset", "timeout", "
 
 
 class UpstreamError(Exception):
-    """A request could not be delivered. ``kind`` is the metric label, ``status`` the client's answer."""
+    """A request could not be delivered. ``kind`` is the metric label, ``status`` the client's
+    answer, ``retry_after`` its ``Retry-After`` seconds (None: no such header)."""
 
-    def __init__(self, kind: str, status: int, description: str) -> None:
+    def __init__(self, kind: str, status: int, description: str, retry_after: int | None = None) -> None:
         super().__init__(description)
         self.kind = kind
         self.status = status
         self.description = description
+        self.retry_after = retry_after
+
+
+def overflow(description: str) -> UpstreamError:
+    """The pool's answer when no connection can be had (contract §5.5): a 503 with Retry-After,
+    metric label "overflow". A fresh exception each time: a raised one keeps its traceback."""
+    return UpstreamError("overflow", 503, description, retry_after=1)
 
 
 class ResponseSink(Protocol):
@@ -131,6 +140,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_paused_reading",
         "_tls",
         "_lost",
+        "holds_slot",
     )
 
     def __init__(self, pool: UpstreamPool, target_index: int) -> None:
@@ -160,6 +170,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._tunnel = False
         self._paused_reading = False
+        self.holds_slot = False  # counts against upstream_max_connections until it closes
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -170,6 +181,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self._lost = exc
         self._cancel_timer()
+        self.pool.free_slot(self)
         sink = self.sink
         if sink is None:
             return
@@ -419,12 +431,20 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Keep-alive connections to the targets of one upstream, round robin."""
+    """Keep-alive connections to the targets of one upstream, round robin.
+
+    With ``slots`` (``[limits] upstream_max_connections``, see :mod:`jwtproxy.connlimits`) a new
+    connection first takes a slot of its target; with none free, :meth:`connect` waits in a
+    bounded queue (``queue_limit``) for up to ``connect_timeout`` and then fails with a 503.
+    """
 
     def __init__(
         self,
         config: UpstreamConfig,
         ssl_context: ssl.SSLContext | None = None,
+        *,
+        slots: UpstreamSlots | None = None,
+        queue_limit: int = 0,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -439,6 +459,10 @@ class UpstreamPool:
         self._tls_logged: dict[tuple[int, str], tuple[float, int]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self.slots = slots
+        self.pending: PendingQueue[UpstreamConnection | int] = PendingQueue(queue_limit)
+        self.rejected = 0  # requests answered 503 for want of a connection (queue full or timed out)
+        self._poller: asyncio.TimerHandle | None = None
 
     def _choose(self) -> int:
         index = self._next
@@ -460,18 +484,40 @@ class UpstreamPool:
         return None
 
     async def connect(self) -> UpstreamConnection:
-        """Open a connection, trying each target once in round-robin order."""
-        loop = asyncio.get_running_loop()
+        """Open a connection, trying each target once in round-robin order; with slots, only
+        targets with a free slot, waiting in the queue when none has one."""
         start = self._choose() if len(self.targets) > 1 else 0
+        order = [(start + step) % len(self.targets) for step in range(len(self.targets))]
+        if self.slots is None:
+            return await self._open(order)
+        order = [index for index in order if self.slots.try_acquire(index)]
+        if not order:
+            got = await self._wait_for_capacity()
+            if isinstance(got, UpstreamConnection):
+                return got  # handed over by release(): already marked reused
+            order = [got]
+        return await self._open(order)
+
+    async def _open(self, order: list[int]) -> UpstreamConnection:
+        """Connect to the first target of ``order`` that answers. With slots, each index in
+        ``order`` holds a slot; every slot not kept by the connection returned is freed."""
+        loop = asyncio.get_running_loop()
         last_error = UpstreamError("connect", 502, "no upstream target")
-        for step in range(len(self.targets)):
-            index = (start + step) % len(self.targets)
+        for step, index in enumerate(order):
             target = self.targets[index]
             ssl_context = self._ssl_context if target.scheme == "https" else None
+            made: list[UpstreamConnection] = []
+
+            def protocol(index: int = index) -> UpstreamConnection:
+                conn = UpstreamConnection(self, index)
+                conn.holds_slot = self.slots is not None
+                made.append(conn)
+                return conn
+
             try:
                 _, conn = await asyncio.wait_for(
                     loop.create_connection(
-                        lambda index=index: UpstreamConnection(self, index),
+                        protocol,
                         target.host,
                         target.port,
                         ssl=ssl_context,
@@ -479,14 +525,22 @@ class UpstreamPool:
                     ),
                     self.config.connect_timeout,
                 )
-            except asyncio.TimeoutError:
-                last_error = UpstreamError("timeout", 504, "upstream connect timed out")
-            except ssl.SSLError as exc:
-                last_error = self.tls_failure(index, exc)
-            except OSError:
-                last_error = UpstreamError("connect", 502, "upstream connection refused")
+            except BaseException as exc:
+                self._abandon_attempt(index, made)
+                if isinstance(exc, asyncio.TimeoutError):
+                    last_error = UpstreamError("timeout", 504, "upstream connect timed out")
+                elif isinstance(exc, ssl.SSLError):  # an OSError too: asked first
+                    last_error = self.tls_failure(index, exc)
+                elif isinstance(exc, OSError):
+                    last_error = UpstreamError("connect", 502, "upstream connection refused")
+                else:  # cancelled (the client left) or a bug: the other slots go back too
+                    for rest in order[step + 1:]:
+                        self._free_index(rest)
+                    raise
             else:
                 conn.reused = False
+                for rest in order[step + 1:]:
+                    self._free_index(rest)
                 return conn
         raise last_error
 
@@ -507,8 +561,92 @@ class UpstreamPool:
             self._tls_logged[key] = (last, suppressed + 1)
         return UpstreamError("tls", 502, "upstream TLS handshake failed")
 
+    def _abandon_attempt(self, index: int, made: list[UpstreamConnection]) -> None:
+        """A connect that failed or was cancelled gives its slot back, exactly once: through the
+        connection object when one was made (its connection_lost may still come), else here."""
+        if made:
+            made[0].close()
+            self.free_slot(made[0])
+        else:
+            self._free_index(index)
+
+    # -- slots and the pending queue -----------------------------------------------------------------
+
+    async def _wait_for_capacity(self) -> UpstreamConnection | int:
+        """Wait in the queue for a connection or a slot, or fail with the 503 of the contract."""
+        try:
+            future = self.pending.wait(self.config.connect_timeout)
+        except QueueFull:
+            self.rejected += 1
+            raise overflow("upstream busy: too many requests waiting") from None
+        self._schedule_poll()
+        try:
+            got = await future
+        except asyncio.CancelledError:
+            # The client left. Anything handed over in the meantime goes to the next in line.
+            if future.done() and not future.cancelled() and future.result() is not None:
+                self._give_back(future.result())
+            raise
+        if got is None:
+            self.rejected += 1
+            raise overflow("upstream busy: no connection free in time")
+        return got
+
+    def _give_back(self, got: UpstreamConnection | int | None) -> None:
+        if isinstance(got, UpstreamConnection):
+            self.release(got)
+        elif got is not None:
+            self._free_index(got)
+
+    def free_slot(self, conn: UpstreamConnection) -> None:
+        """The slot of ``conn`` is free (it closed, or never connected); idempotent."""
+        if conn.holds_slot:
+            conn.holds_slot = False
+            self._free_index(conn.target_index)
+
+    def _free_index(self, index: int) -> None:
+        if self.slots is None:
+            return
+        self.slots.release(index)
+        if len(self.pending) and not self._closed:
+            self._serve_pending()
+
+    def _serve_pending(self) -> None:
+        """Hand free slots to waiting requests, oldest first, for as long as there are both."""
+        slots = self.slots
+        if slots is None:
+            return
+        while len(self.pending):
+            start = self._choose() if len(self.targets) > 1 else 0
+            for step in range(len(self.targets)):
+                index = (start + step) % len(self.targets)
+                if slots.try_acquire(index):
+                    break
+            else:
+                return
+            if not self.pending.hand(index):
+                slots.release(index)
+                return
+
+    def _schedule_poll(self) -> None:
+        # Another worker's freed slot wakes nobody here: look again shortly while anyone waits.
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().call_later(CROSS_WORKER_POLL, self._poll)
+
+    def _poll(self) -> None:
+        self._poller = None
+        if self._closed:
+            return
+        self._serve_pending()
+        if len(self.pending):
+            self._schedule_poll()
+
     def release(self, conn: UpstreamConnection) -> None:
-        """Return a connection whose exchange finished cleanly."""
+        """Return a connection whose exchange finished cleanly: to a waiting request, else idle."""
+        if not self._closed and not conn.closed and len(self.pending):
+            conn.reused = True
+            if self.pending.hand(conn):
+                return
         idle = self._idle[conn.target_index]
         if self._closed or len(idle) >= self.config.max_idle:
             conn.close()
@@ -542,6 +680,14 @@ class UpstreamPool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        self.pending.fail_all()
         for idle in self._idle:
             while idle:
                 idle.pop().close()
+
+    def open_connections(self) -> int:
+        """Connections of this worker to the targets that hold a slot (open or connecting)."""
+        return 0 if self.slots is None else sum(self.slots.held(i) for i in range(len(self.targets)))

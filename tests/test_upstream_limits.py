@@ -1,0 +1,157 @@
+"""The upstream pool under ``upstream_max_connections``: slots, the pending queue, the 503s."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from jwtproxy.config import Target, UpstreamConfig
+from jwtproxy.connlimits import UpstreamSlots
+from jwtproxy.sharedtable import SharedTable
+from jwtproxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool
+
+
+class CountingServer:
+    """A TCP server that only counts the connections it has open."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.port = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> CountingServer:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.open += 1
+            try:
+                await reader.read()
+            finally:
+                self.open -= 1
+                writer.close()
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[CountingServer]:
+    server = await CountingServer().start()
+    yield server
+    assert server.server is not None
+    server.server.close()
+
+
+def pool_for(port: int, slots: UpstreamSlots | None, queue: int, connect_timeout: float = 2.0) -> UpstreamPool:
+    config = UpstreamConfig(name="up", targets=(Target("http", "127.0.0.1", port),),
+                            connect_timeout=connect_timeout)
+    return UpstreamPool(config, slots=slots, queue_limit=queue)
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_beyond_the_cap_requests_wait_then_a_full_queue_is_503(upstream: CountingServer) -> None:
+    pool = pool_for(upstream.port, UpstreamSlots(None, 0, 2, [b"t"]), queue=2)
+    first, second = await pool.connect(), await pool.connect()
+    waiting = [asyncio.ensure_future(pool.connect()) for _ in range(2)]
+    await settle()
+    assert len(pool.pending) == 2 and not any(w.done() for w in waiting)
+    with pytest.raises(UpstreamError) as info:
+        await pool.connect()  # the queue is full: answered at once
+    assert (info.value.status, info.value.kind, info.value.retry_after) == (503, "overflow", 1)
+    assert pool.rejected == 1
+
+    # A connection released by a finished exchange goes straight to the oldest waiter.
+    pool.release(first)
+    handed = await waiting[0]
+    assert handed is first and handed.reused
+    # A connection that closes frees its slot: the next waiter connects anew.
+    second.close()
+    fresh = await waiting[1]
+    assert fresh is not second and not fresh.reused
+    assert pool.slots is not None and pool.slots.held(0) == 2
+    await settle()
+    assert upstream.open == 2  # never more than the cap
+    pool.close()
+
+
+async def test_a_wait_longer_than_connect_timeout_is_503(upstream: CountingServer) -> None:
+    pool = pool_for(upstream.port, UpstreamSlots(None, 0, 1, [b"t"]), queue=4, connect_timeout=0.05)
+    held = await pool.connect()
+    with pytest.raises(UpstreamError) as info:
+        await pool.connect()
+    assert info.value.status == 503 and info.value.retry_after == 1
+    assert pool.rejected == 1 and len(pool.pending) == 0
+    held.close()
+    pool.close()
+
+
+async def test_a_waiter_that_leaves_loses_nothing(upstream: CountingServer) -> None:
+    pool = pool_for(upstream.port, UpstreamSlots(None, 0, 1, [b"t"]), queue=4)
+    held = await pool.connect()
+    leaving = asyncio.ensure_future(pool.connect())
+    staying = asyncio.ensure_future(pool.connect())
+    await settle()
+    leaving.cancel()
+    await settle()
+    pool.release(held)
+    assert await staying is held  # the departed waiter was skipped
+    # The same race the other way: handed over just as it was cancelled, the connection comes back.
+    late = asyncio.ensure_future(pool.connect())
+    await settle()
+    pool.release(held)  # resolves late's future...
+    late.cancel()  # ...but its task is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await late
+    assert pool.take_idle() is held  # given back to the pool, not lost
+    pool.close()
+
+
+async def test_failed_connects_free_their_slot() -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()  # nothing listens on port now
+    pool = pool_for(port, UpstreamSlots(None, 0, 1, [b"t"]), queue=1)
+    for _ in range(3):
+        with pytest.raises(UpstreamError) as info:
+            await pool.connect()
+        assert info.value.status == 502
+    assert pool.slots is not None and pool.slots.held(0) == 0
+    pool.close()
+
+
+async def test_the_cap_is_shared_between_workers(upstream: CountingServer) -> None:
+    # Two pools on one shared table with their own columns stand for two workers of one host.
+    table = SharedTable(64, values=4)
+    worker_a = pool_for(upstream.port, UpstreamSlots(table, 0, 2, [b"http://127.0.0.1"]), queue=4)
+    worker_b = pool_for(upstream.port, UpstreamSlots(table, 1, 2, [b"http://127.0.0.1"]), queue=4)
+    held = [await worker_a.connect(), await worker_a.connect()]
+    waiting = asyncio.ensure_future(worker_b.connect())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # worker a holds the host's two slots
+    held[0].close()  # worker a's connection closes: b notices within its poll
+    conn = await asyncio.wait_for(waiting, 1.0)
+    assert isinstance(conn, UpstreamConnection)
+    assert worker_b.slots is not None and worker_b.slots.in_use(0) == 2
+    held[1].close()
+    conn.close()
+    await settle()
+    assert worker_b.slots.in_use(0) == 0
+    worker_a.close()
+    worker_b.close()
+
+
+async def test_closing_the_pool_answers_every_waiter(upstream: CountingServer) -> None:
+    pool = pool_for(upstream.port, UpstreamSlots(None, 0, 1, [b"t"]), queue=4)
+    held = await pool.connect()
+    waiting = asyncio.ensure_future(pool.connect())
+    await settle()
+    pool.close()
+    with pytest.raises(UpstreamError):
+        await waiting
+    held.close()
