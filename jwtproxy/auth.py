@@ -45,7 +45,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import unquote_plus
 
 from jwtproxy.binding import (
@@ -103,6 +103,8 @@ AUTH_FAILURE_REASONS: Final[tuple[str, ...]] = (
     "token_inactive", "bad_token_type", "introspection_unavailable",
     # the route and revocation
     "revoked", "insufficient_scope", "claim_not_allowed",
+    # limits (contract §5.5): the client address is past its verification-failure budget
+    "failure_budget",
 ) + FAILURE_REASONS  # fmt: skip
 
 
@@ -152,7 +154,8 @@ ANONYMOUS = Allow([])
 
 
 class Deny:
-    __slots__ = ("status", "error", "description", "reason", "www_authenticate", "retry_after", "dpop_nonce")
+    __slots__ = ("status", "error", "description", "reason", "www_authenticate", "retry_after", "dpop_nonce",
+                 "headers")
 
     def __init__(
         self,
@@ -164,6 +167,7 @@ class Deny:
         www_auth: bytes | None = None,
         retry_after: int | None = None,
         dpop_nonce: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         self.status = status
         self.error = error
@@ -173,6 +177,7 @@ class Deny:
         self.retry_after = retry_after
         #: A fresh ``DPoP-Nonce`` to send with this answer (``use_dpop_nonce``).
         self.dpop_nonce = dpop_nonce
+        self.headers = headers  # further fields of the answer (a 429's RateLimit fields)
 
 
 class Pending:
@@ -356,8 +361,21 @@ def _claim_allows(value: Any, allowed: frozenset[str]) -> bool:
     return False
 
 
+class FailureGate(Protocol):
+    """The per-address verification-failure budget (``[limits] failures_per_ip``; implemented
+    by :class:`jwtproxy.limits.WorkerLimits`)."""
+
+    def failure_wait(self, client: str, now: float) -> float: ...
+    def record_failure(self, client: str, now: float) -> None: ...
+    def failure_headers(self, wait: float) -> tuple[tuple[bytes, bytes], ...]: ...
+
+
 class AuthStage:
-    """Per-worker verification stage: verifier, token cache, revocations and route rules."""
+    """Per-worker verification stage: verifier, token cache, revocations and route rules.
+
+    With ``failures`` (a :class:`FailureGate`), a token that needs signature work (not in the
+    cache) from a client address past its failure budget is refused 429 before any decoding, and
+    every failed verification is counted against the address (contract §5.5)."""
 
     def __init__(
         self,
@@ -372,6 +390,7 @@ class AuthStage:
         host_replay: HostReplayGuard | None = None,
         remote_replay: bool = False,
         introspectors: Mapping[str, Introspector[CachedToken]] | None = None,
+        failures: FailureGate | None = None,
     ) -> None:
         """``proofs``: the DPoP proof checker (default: one with a nonce secret of its own, right
         for a single process). ``host_replay``: the host-wide jti guard (default: a table of this
@@ -384,6 +403,7 @@ class AuthStage:
         self.is_revoked = is_revoked
         self.refetch_unknown_kid = refetch_unknown_kid
         self.on_cache = on_cache
+        self.failures = failures
         self.max_bytes = config.token.max_bytes
         self.claims_to_headers = config.claims_to_headers
         self.proofs = proofs if proofs is not None else ProofChecker(NonceIssuer(os.urandom(32)))
@@ -404,9 +424,11 @@ class AuthStage:
         now: float,
         refetched: bool = False,
         presented: Presentation = BEARER,
+        client: str = "",
     ) -> Allow | Deny | Pending | CheckReplay:
         """Decide one request (module docstring). ``presented``: the request's proof of possession
-        (its ``Authorization`` scheme, ``DPoP`` headers, URI, client certificate)."""
+        (its ``Authorization`` scheme, ``DPoP`` headers, URI, client certificate). ``client``: the
+        client address the failure budget counts against."""
         if token is None:
             return ANONYMOUS if rules.auth == "optional" else MISSING_TOKEN
         if len(token) > self.max_bytes:
@@ -420,12 +442,22 @@ class AuthStage:
         if entry is None:
             if self.on_cache is not None:
                 self.on_cache("miss")
+            failures = self.failures
+            if failures is not None:
+                wait = failures.failure_wait(client, now)
+                if wait > 0.0:
+                    return Deny(429, "too many failed token verifications from this address",
+                                "failure_budget", error="rate_limited", headers=failures.failure_headers(wait))
             try:
                 entry = self._verify(token, key, now, rules)
             except TokenRejected as exc:
+                if failures is not None:
+                    failures.record_failure(client, now)
                 return invalid_token(exc.reason, exc.description)
             except UnknownKid as exc:
                 if refetched:
+                    if failures is not None:
+                        failures.record_failure(client, now)
                     return invalid_token("unknown_kid", "unknown key")
                 return Pending(self.refetch_unknown_kid(exc.issuer))
             except KeysNotLoaded:

@@ -36,7 +36,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 from jwtproxy.auth import (
     ANONYMOUS,
@@ -58,6 +59,7 @@ from jwtproxy.dpopreplay import ReplayCheckUnavailable
 from jwtproxy.forwarded import Forwarded
 from jwtproxy.mtls import header_thumbprint, peer_thumbprint
 from jwtproxy.codec import ProtocolError, RequestHead, make_codec
+from jwtproxy.connlimits import BUSY_RESPONSE
 from jwtproxy.forwardauth import original_request
 from jwtproxy.headerpolicy import ScannedHead, response_head, scan_request_head
 from jwtproxy.lifecycle import (
@@ -79,8 +81,10 @@ from jwtproxy.lifecycle import (
     keeps_alive,
     may_retry,
 )
+from jwtproxy.ratelimit import TOKEN, Policy
 from jwtproxy.responses import allowed_response, error_response
 from jwtproxy.routing import BadRequest, normalise_target, split_host, strip_prefix
+from jwtproxy.tokencache import cache_key
 from jwtproxy.tracing import TRACE_HEADERS
 from jwtproxy.upstream import UpstreamConnection, UpstreamError
 
@@ -92,6 +96,13 @@ log = logging.getLogger("jwtproxy")
 
 BUFFER_LIMIT = 256 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# Steps of a request's decision (ClientConnection._decide), in order.
+LIMIT_BEFORE = 0  # the rate limit keyed by the client address or the token
+AUTHORIZE = 1
+AUTHORIZE_AGAIN = 2  # after the issuer's keys were refetched for an unknown kid
+LIMIT_AFTER = 3  # the rate limit keyed by a claim
+FORWARD = 4
 
 # Response body modes towards the client.
 BODY_NONE = 0
@@ -336,6 +347,13 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream server hands every protocol a full transport; BaseTransport is the declared type.
         self.transport = self.reading.transport = cast(asyncio.Transport, transport)
+        if len(self.gw.connections) >= self.gw.limits.max_connections:
+            # Past [limits] max_connections: answered at once and closed, never left waiting.
+            self.closing = True
+            self.gw.metrics.client_rejected()
+            self.transport.write(BUSY_RESPONSE)
+            self.transport.close()
+            return
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer = str(peer[0])
@@ -518,36 +536,128 @@ class ClientConnection(asyncio.Protocol):
             return
         runtime = gw.routes[id(route)]
         ex.route = runtime
-        if runtime.auth_off or (runtime.cors_forward and self._is_preflight(ex)):
-            self._allowed(ex, runtime, ANONYMOUS)
+        anonymous = runtime.auth_off or (runtime.cors_forward and self._is_preflight(ex))
+        token: str | None = None
+        presented = BEARER
+        if not anonymous:
+            try:
+                token, source = extract_token(gw.token_sources, ex.head.headers, scanned.authorization, query)
+            except MalformedAuthorization:
+                self._deny(ex, invalid_token("malformed_header", "malformed bearer authorization header"))
+                return
+            except AmbiguousToken:
+                ex.deny_reason = "ambiguous_token"
+                self.gw.metrics.auth_failure("ambiguous_token")
+                self._answer(ex, 400, "more than one token in the request")
+                return
+            if token is not None:
+                presented = self._presentation(ex, source)
+        elif runtime.rate_limit is not None and runtime.rate_limit.key == TOKEN:
+            # Only the rate limit's key: a token it cannot read makes the address the key.
+            try:
+                token, _ = extract_token(gw.token_sources, ex.head.headers, scanned.authorization, query)
+            except (MalformedAuthorization, AmbiguousToken):
+                token = None
+        self._proceed(ex, runtime, token, presented, LIMIT_BEFORE, ANONYMOUS if anonymous else None)
+
+    def _proceed(self, ex: Exchange, runtime: RouteRuntime, token: str | None, presented: Presentation,
+                step: int, allow: Allow | None) -> None:
+        """Take ``ex`` from decision step ``step`` to an answer or an upstream.
+
+        The steps, in order: the rate limit when its key is known without verification
+        (``client_ip``, ``token``: refused before any signature work, which is the better
+        protection), authorisation (skipped when ``allow`` is already given: anonymous routes
+        and preflights), the rate limit keyed by a claim (it needs the verified claims), then
+        forwarding. A step that has to wait (keys to refetch, a proof's jti to record on Redis, a
+        rate-limit decision on Redis) parks the exchange in ``DECIDING`` and a task calls back
+        here with the next step.
+        """
+        gw = self.gw
+        policy = runtime.rate_limit
+        if step == LIMIT_BEFORE:
+            if policy is not None and not policy.needs_identity:
+                digest = cache_key(token) if token is not None and policy.key == TOKEN else None
+                key = policy.key_for(self.client_address(ex), None, digest)
+                if not self._within_limit(ex, runtime, policy, key, token, presented, AUTHORIZE, allow):
+                    return
+            step = AUTHORIZE
+        if step in (AUTHORIZE, AUTHORIZE_AGAIN) and allow is None:
+            authorize = gw.auth.authorize
+            # The address only when a failure budget will count it (reading it can parse headers).
+            client = self.client_address(ex) if gw.limits.budget is not None else ""
+            arguments = (runtime.rules, token, time.time(), step == AUTHORIZE_AGAIN, presented, client)
+            decision = authorize(*arguments) if ex.trace is None else ex.trace.verify(authorize, *arguments)
+            if isinstance(decision, Deny):
+                self._deny(ex, decision)
+                return
+            if isinstance(decision, Pending):
+                if step == AUTHORIZE_AGAIN:
+                    self._deny(ex, invalid_token("unknown_kid", "unknown key"))
+                    return
+                self._park(ex, self._after_refetch(ex, runtime, decision, token, presented))
+                return
+            if isinstance(decision, CheckReplay):
+                self._park(ex, self._after_replay_check(ex, runtime, decision, token, presented))
+                return
+            allow = decision
+        if allow is None:  # fail closed: nothing may reach an upstream unauthorised
+            raise RuntimeError("decision reached forwarding without authorisation")
+        if step <= LIMIT_AFTER and policy is not None and policy.needs_identity:
+            key = policy.key_for(self.client_address(ex), allow.claims)
+            if not self._within_limit(ex, runtime, policy, key, token, presented, FORWARD, allow):
+                return
+        self._allowed(ex, runtime, allow)
+
+    def client_address(self, ex: Exchange) -> str:
+        """The client the limits count: the peer, or whom a trusted proxy names (contract §5.5)."""
+        forwarded = self.forwarded(ex)
+        return forwarded.client if forwarded is not None else self.peer
+
+    def _within_limit(self, ex: Exchange, runtime: RouteRuntime, policy: Policy, key: bytes, token: str | None,
+                      presented: Presentation, next_step: int, allow: Allow | None) -> bool:
+        """Whether ``ex`` may go on now; otherwise it has been answered 429 or parked on Redis."""
+        limits = self.gw.limits
+        if limits.uses_redis:
+            self._park(ex, self._after_limit(ex, runtime, policy, key, token, presented, next_step, allow))
+            return False
+        wait = limits.check(policy, key, time.time())
+        if wait > 0.0:
+            self._rate_limited(ex, runtime, policy, wait)
+            return False
+        return True
+
+    def _park(self, ex: Exchange, work: Coroutine[Any, Any, None]) -> None:
+        """Wait for ``work`` in ``DECIDING``; a body that arrives meanwhile is buffered (bounded)."""
+        ex.state = advance(ex.state, DEFER)
+        self.reading.pause("buffer")
+        ex.task = self.loop.create_task(work)
+
+    async def _after_limit(self, ex: Exchange, runtime: RouteRuntime, policy: Policy, key: bytes,
+                           token: str | None, presented: Presentation, next_step: int, allow: Allow | None) -> None:
+        try:
+            wait = await self.gw.limits.check_redis(policy, key, time.time())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            ex.task = None
+            self.internal_error(ex)
+            return
+        ex.task = None
+        if self.closed:
             return
         try:
-            token, source = extract_token(gw.token_sources, ex.head.headers, scanned.authorization, query)
-        except MalformedAuthorization:
-            self._deny(ex, invalid_token("malformed_header", "malformed bearer authorization header"))
-            return
-        except AmbiguousToken:
-            ex.deny_reason = "ambiguous_token"
-            self.gw.metrics.auth_failure("ambiguous_token")
-            self._answer(ex, 400, "more than one token in the request")
-            return
-        presented = self._presentation(ex, source) if token is not None else BEARER
-        if ex.trace is None:
-            decision = gw.auth.authorize(runtime.rules, token, time.time(), presented=presented)
-        else:
-            decision = ex.trace.verify(gw.auth.authorize, runtime.rules, token, time.time(), presented=presented)
-        if isinstance(decision, Allow):
-            self._allowed(ex, runtime, decision)
-        elif isinstance(decision, Deny):
-            self._deny(ex, decision)
-        elif isinstance(decision, CheckReplay):
-            ex.state = advance(ex.state, DEFER)
-            self.reading.pause("buffer")
-            ex.task = self.loop.create_task(self._after_replay_check(ex, runtime, decision))
-        else:
-            ex.state = advance(ex.state, DEFER)
-            self.reading.pause("buffer")
-            ex.task = self.loop.create_task(self._after_refetch(ex, runtime, decision, token, presented))
+            self.reading.resume("buffer")
+            if wait > 0.0:
+                self._rate_limited(ex, runtime, policy, wait)
+            else:
+                self._proceed(ex, runtime, token, presented, next_step, allow)
+        except Exception:
+            self.internal_error(ex)
+
+    def _rate_limited(self, ex: Exchange, runtime: RouteRuntime, policy: Policy, wait: float) -> None:
+        ex.deny_reason = "rate_limited"
+        self.gw.metrics.rate_limited(runtime.label)
+        self._answer(ex, 429, "rate limit exceeded", error="rate_limited", headers=policy.headers(wait))
 
     def _start_trace(self, ex: Exchange, host: str, route: RouteConfig | None) -> None:
         """[tracing] is on: the request's SERVER span (see jwtproxy.tracing)."""
@@ -601,7 +711,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed and self.current is ex and ex.state == WAITING:
             self._begin(ex)
 
-    async def _after_replay_check(self, ex: Exchange, runtime: RouteRuntime, check: CheckReplay) -> None:
+    async def _after_replay_check(self, ex: Exchange, runtime: RouteRuntime, check: CheckReplay,
+                                  token: str | None, presented: Presentation) -> None:
         """Record the proof's jti across nodes (Redis) before forwarding; fail closed."""
         remote = self.gw.replay_remote
         issuer = check.allow.issuer or ""
@@ -623,7 +734,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.reading.resume("buffer")
             if isinstance(decision, Allow):
-                self._allowed(ex, runtime, decision)
+                self._proceed(ex, runtime, token, presented, LIMIT_AFTER, decision)
             else:
                 self._deny(ex, decision)
         except Exception:
@@ -643,20 +754,7 @@ class ClientConnection(asyncio.Protocol):
             return
         try:
             self.reading.resume("buffer")
-            authorize = self.gw.auth.authorize
-            if ex.trace is None:
-                decision = authorize(runtime.rules, token, time.time(), refetched=True, presented=presented)
-            else:
-                decision = ex.trace.verify(
-                    authorize, runtime.rules, token, time.time(), refetched=True, presented=presented)
-            if isinstance(decision, Allow):
-                self._allowed(ex, runtime, decision)
-            elif isinstance(decision, Deny):
-                self._deny(ex, decision)
-            elif isinstance(decision, CheckReplay):
-                ex.task = self.loop.create_task(self._after_replay_check(ex, runtime, decision))
-            else:
-                self._deny(ex, invalid_token("unknown_kid", "unknown key"))
+            self._proceed(ex, runtime, token, presented, AUTHORIZE_AGAIN, None)
         except Exception:
             self.internal_error(ex)
 
@@ -678,6 +776,7 @@ class ClientConnection(asyncio.Protocol):
             www_auth=deny.www_authenticate,
             retry_after=deny.retry_after,
             dpop_nonce=deny.dpop_nonce,
+            headers=deny.headers,
         )
 
     def _allowed(self, ex: Exchange, runtime: RouteRuntime, allow: Allow) -> None:
@@ -719,7 +818,9 @@ class ClientConnection(asyncio.Protocol):
                 ex.trace.upstream_end(None, error.kind)
             if not self.closed:
                 self.gw.metrics.upstream_error(runtime.pool.name, error.kind)
-                self._answer(ex, error.status, error.description)
+                if error.kind == "overflow":
+                    self.gw.metrics.queue_rejected(runtime.pool.name)
+                self._answer(ex, error.status, error.description, retry_after=error.retry_after)
             return
         except Exception:  # CancelledError (a BaseException) passes: the exchange was dropped
             ex.task = None
@@ -846,6 +947,7 @@ class ClientConnection(asyncio.Protocol):
         www_auth: bytes | None = None,
         retry_after: int | None = None,
         dpop_nonce: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         """Answer ``ex`` with an error from the gateway itself."""
         if ex.upstream is not None:
@@ -866,6 +968,7 @@ class ClientConnection(asyncio.Protocol):
                 retry_after=retry_after,
                 head_only=ex.head.method == b"HEAD",
                 dpop_nonce=dpop_nonce,
+                headers=headers,
             )
         )
         self.complete(ex)

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from jwtproxy.accesslog import AccessLog
@@ -30,6 +30,15 @@ from jwtproxy.forwardauth import prefix_key
 from jwtproxy.headerpolicy import HeaderPolicy
 from jwtproxy.introspection import Introspector
 from jwtproxy.metrics import WorkerMetrics
+from jwtproxy.limits import WorkerLimits
+from jwtproxy.metrics import (
+    GAUGE_CLIENT_CONNECTIONS,
+    GAUGE_QUEUE_DEPTH,
+    GAUGE_RATE_LIMIT_BACKEND_UP,
+    GAUGE_UPSTREAM_CONNECTIONS,
+    WorkerMetrics,
+)
+from jwtproxy.ratelimit import Policy
 from jwtproxy.revocation import IsRevoked
 from jwtproxy.routing import Router
 from jwtproxy.tokencache import TokenCache
@@ -61,6 +70,7 @@ class RouteRuntime:
         "response_timeout",
         "drop_names",
         "drop_untrusted",
+        "rate_limit",
     )
 
     def __init__(
@@ -70,9 +80,10 @@ class RouteRuntime:
         drop_names: frozenset[bytes],
         issuers: tuple[IssuerConfig, ...] = (),
         untrusted_drop: frozenset[bytes] = frozenset(),
+        rate_limit: Policy | None = None,
     ) -> None:
         self.route = route
-        self.label = (route.host + route.path_prefix) if route.host else route.path_prefix
+        self.label = route_label(route)
         self.rules = RouteRules(route, issuers)
         self.pool = pool
         self.pool_hosts = [_host_header(t.host, t.port, t.scheme) for t in pool.targets]
@@ -85,6 +96,12 @@ class RouteRuntime:
         self.drop_names = drop_names
         # From a peer that is not a trusted proxy, its client_cert_header is removed as well.
         self.drop_untrusted = drop_names | untrusted_drop
+        self.rate_limit = rate_limit
+
+
+def route_label(route: RouteConfig) -> str:
+    """A route's name in metrics, logs and rate-limit keys: its host and path prefix."""
+    return (route.host + route.path_prefix) if route.host else route.path_prefix
 
 
 def _host_header(host: str, port: int, scheme: str) -> bytes:
@@ -129,6 +146,7 @@ class Gateway:
         assertion_key: AssertionKey | None = None,
         tracer: Tracing | None = None,
         introspectors: Mapping[str, Introspector[CachedToken]] | None = None,
+        limits: WorkerLimits | None = None,
     ) -> None:
         """``proofs``/``replay_host``: the DPoP checker and the host-wide jti guard (defaults
         for a single process); ``replay_remote``: the cross-node jti guard (Redis), if any;
@@ -157,8 +175,14 @@ class Gateway:
                 # cache-hit request finds its assertion too.
                 cache_size=config.token.cache_size,
             )
+        self.limits = limits if limits is not None else WorkerLimits(config)
+        # Requests waiting for an upstream connection, per worker and upstream: as many as the
+        # host may have connections to one target (Envoy's max_pending_requests is the same
+        # default, 1024), each for at most the upstream's connect_timeout.
+        queue_limit = config.limits.upstream_max_connections
         self.pools = {
-            name: UpstreamPool(upstream) for name, upstream in config.upstreams.items()
+            name: UpstreamPool(upstream, slots=self.limits.slots(upstream), queue_limit=queue_limit)
+            for name, upstream in config.upstreams.items()
         }
         self.routes: dict[int, RouteRuntime] = {}
         for route in config.routes:
@@ -166,8 +190,11 @@ class Gateway:
             if not route.forward_token:
                 drop.update(s.name.encode() for s in config.token.sources if s.kind == "header")
             self.routes[id(route)] = RouteRuntime(
-                route, self.pools[route.upstream], frozenset(drop), config.issuers, self.proxies.untrusted_drop
+                route, self.pools[route.upstream], frozenset(drop), config.issuers, self.proxies.untrusted_drop,
+                self.limits.policy(route, route_label(route)),
             )
+        metrics.sample = self._sample_gauges
+        self._fallbacks_seen = 0
         self.token_sources = config.token.sources
         #: ``[authz] path_prefix`` as the authz listeners strip it from their own paths.
         self.authz_prefix = prefix_key(config.authz.path_prefix)
@@ -184,6 +211,7 @@ class Gateway:
             host_replay=replay_host,
             remote_replay=replay_remote is not None,
             introspectors=introspectors,
+            failures=self.limits if self.limits.budget is not None else None,
         )
         self.replay_remote = replay_remote
         self.connections: set[ClientConnection] = set()
@@ -191,6 +219,20 @@ class Gateway:
         self._request_prefix = os.urandom(6).hex().encode() + b"-"
         self._request_counter = 0
         self._drained: asyncio.Event | None = None
+
+    def _sample_gauges(self) -> Iterator[tuple[str, tuple[str, ...], float]]:
+        """The limit gauges' values now (asked at each metrics flush)."""
+        yield GAUGE_CLIENT_CONNECTIONS, (), len(self.connections)
+        for name, pool in self.pools.items():
+            yield GAUGE_QUEUE_DEPTH, (name,), len(pool.pending)
+            yield GAUGE_UPSTREAM_CONNECTIONS, (name,), pool.open_connections()
+        limits = self.limits
+        if limits.uses_redis:
+            yield GAUGE_RATE_LIMIT_BACKEND_UP, (), 0.0 if limits.backend_up is False else 1.0
+            fallbacks = limits.fallbacks
+            if fallbacks > self._fallbacks_seen:
+                self.metrics.rate_limit_fallbacks(fallbacks - self._fallbacks_seen)
+                self._fallbacks_seen = fallbacks
 
     def next_request_id(self) -> bytes:
         """Unique per worker start: a random prefix and a counter (cheaper than a UUID)."""
@@ -209,6 +251,7 @@ class Gateway:
         authz_sockets = authz_sockets or []
         if not sockets and not authz_sockets:
             return
+        await self.limits.start()
         loop = asyncio.get_running_loop()
         server = self.config.server
         context = (
@@ -239,6 +282,7 @@ class Gateway:
                     conn.abort()
         for pool in self.pools.values():
             pool.close()
+        await self.limits.close()
 
     def status(self) -> dict[str, Any]:
         return {

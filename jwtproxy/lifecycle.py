@@ -17,7 +17,8 @@ Response-side states, in the order an exchange can move through them:
     a request without a body whose end has not arrived (it is decided when it has: a request with
     a body is decided at its head, so the body can stream).
 ``DECIDING``
-    Routed; authorisation waits for a refetch of the issuer's keys (a task).
+    Routed; the decision waits (a task): for a refetch of the issuer's keys, or for a rate-limit
+    answer from Redis. It may wait more than once (a rate limit, then keys), each a ``DEFER``.
 ``CONNECTING``
     Authorised; waits for a new upstream connection (a task), first or after a stale pooled one.
 ``FORWARDED``
@@ -29,7 +30,7 @@ Response-side states, in the order an exchange can move through them:
 ``DONE``
     The response is complete, or the exchange was dropped with its connection. Terminal.
 
-Events: ``DEFER`` (wait for keys), ``CONNECT`` (wait for a connection), ``ATTACH`` (an upstream
+Events: ``DEFER`` (wait for keys or a shared rate-limit answer), ``CONNECT`` (wait for a connection), ``ATTACH`` (an upstream
 connection takes the request), ``RESPONSE_HEAD``, ``SWITCH`` (a ``101`` to an upgrade request),
 ``FINISH`` (the upstream's response is complete), ``ANSWER`` (the gateway answers itself: a
 rejection, or an upstream failure before any response byte) and ``DROP`` (the connection is gone).
@@ -100,7 +101,7 @@ _EVENT_NAMES = ("DEFER", "CONNECT", "ATTACH", "RESPONSE_HEAD", "SWITCH", "FINISH
 
 _TRANSITIONS: dict[int, dict[int, int]] = {
     WAITING: {DEFER: DECIDING, CONNECT: CONNECTING, ATTACH: FORWARDED, ANSWER: DONE, DROP: DONE},
-    DECIDING: {CONNECT: CONNECTING, ATTACH: FORWARDED, ANSWER: DONE, DROP: DONE},
+    DECIDING: {DEFER: DECIDING, CONNECT: CONNECTING, ATTACH: FORWARDED, ANSWER: DONE, DROP: DONE},
     CONNECTING: {ATTACH: FORWARDED, ANSWER: DONE, DROP: DONE},
     # CONNECT from FORWARDED: the pooled connection turned out stale; retry on a new one.
     FORWARDED: {CONNECT: CONNECTING, RESPONSE_HEAD: RESPONDING, SWITCH: TUNNEL, ANSWER: DONE, DROP: DONE},

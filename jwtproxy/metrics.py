@@ -34,7 +34,7 @@ import glob
 import os
 from bisect import bisect_left
 from collections import defaultdict
-from typing import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
@@ -136,16 +136,18 @@ def counter_totals(
 class _KnownLabels:
     """Label values to create at 0 (``WorkerMetrics.declare``)."""
 
-    __slots__ = ("requests", "reasons", "upstream_errors", "jwks", "introspection")
+    __slots__ = ("requests", "reasons", "upstream_errors", "jwks", "introspection", "rate_limited", "queues")
 
     def __init__(self, requests: list[tuple[str, str, str]], reasons: list[str],
                  upstream_errors: list[tuple[str, str]], jwks: list[tuple[str, str]],
-                 introspection: list[tuple[str, str]]) -> None:
+                 introspection: list[tuple[str, str]], rate_limited: list[str], queues: list[str]) -> None:
         self.requests = requests
         self.reasons = reasons
         self.upstream_errors = upstream_errors
         self.jwks = jwks
         self.introspection = introspection
+        self.rate_limited = rate_limited  # routes with a rate limit
+        self.queues = queues  # upstreams (their pending queues)
 
 
 class _PromWorker:
@@ -174,6 +176,45 @@ class _PromWorker:
         self.introspection = Counter(
             "jwtproxy_introspection_total", "RFC 7662 token introspection outcomes, by issuer and result.",
             ("issuer", "result"), registry=None)
+        # Limits (contract §5.5). Gauges are per worker, summed over the live ones.
+        self.rate_limited = Counter(
+            "jwtproxy_rate_limited_total", "Requests refused 429 by the route's rate limit.",
+            ("route",), registry=None)
+        self.queue_rejected = Counter(
+            "jwtproxy_upstream_queue_rejected_total",
+            "Requests answered 503 for want of an upstream connection (queue full or wait too long).",
+            ("upstream",), registry=None)
+        self.rate_limit_fallbacks = Counter(
+            "jwtproxy_rate_limit_fallback_total",
+            "Rate-limit decisions made locally because the Redis backend was unreachable.",
+            registry=None)
+        self.client_rejected = Counter(
+            "jwtproxy_client_connections_rejected_total",
+            "Client connections answered 503 and closed at once (max_connections).", registry=None)
+        self.gauges = {
+            GAUGE_QUEUE_DEPTH: Gauge(
+                GAUGE_QUEUE_DEPTH, "Requests waiting for an upstream connection.", ("upstream",),
+                multiprocess_mode="livesum", registry=None),
+            GAUGE_UPSTREAM_CONNECTIONS: Gauge(
+                GAUGE_UPSTREAM_CONNECTIONS,
+                "Upstream connections open or opening (what upstream_max_connections counts).",
+                ("upstream",), multiprocess_mode="livesum", registry=None),
+            GAUGE_CLIENT_CONNECTIONS: Gauge(
+                GAUGE_CLIENT_CONNECTIONS, "Open client connections.", (),
+                multiprocess_mode="livesum", registry=None),
+            GAUGE_RATE_LIMIT_BACKEND_UP: Gauge(
+                GAUGE_RATE_LIMIT_BACKEND_UP,
+                "1 if every worker reaches the Redis rate-limit backend (absent with backend local).",
+                (), multiprocess_mode="livemin", registry=None),
+        }
+
+
+#: Gauges a worker samples at each flush (see :attr:`WorkerMetrics.sample`).
+GAUGE_QUEUE_DEPTH = "jwtproxy_upstream_queue_depth"
+GAUGE_UPSTREAM_CONNECTIONS = "jwtproxy_upstream_connections"
+GAUGE_CLIENT_CONNECTIONS = "jwtproxy_client_connections"
+GAUGE_RATE_LIMIT_BACKEND_UP = "jwtproxy_rate_limit_backend_up"
+Sample = Iterable[tuple[str, tuple[str, ...], float]]
 
 
 #: Statuses ``jwtproxy_requests_total`` has from the start, at 0, for every route: success, and
@@ -194,7 +235,8 @@ class WorkerMetrics:
 
     __slots__ = (
         "_requests", "_auth_failures", "_token_cache", "_jwks_refresh", "_upstream_errors",
-        "_introspection", "_bounds", "_hist", "_hist_sum", "_prom", "_declared",
+        "_introspection", "_bounds", "_hist", "_hist_sum", "_prom", "_declared", "_rate_limited",
+        "_queue_rejected", "_fallbacks", "_client_rejected", "sample",
     )
 
     def __init__(self, buckets: Iterable[float] = DURATION_BUCKETS) -> None:
@@ -212,6 +254,12 @@ class WorkerMetrics:
         self._hist_sum = 0.0
         self._prom: _PromWorker | None = None   # built on first flush, in the worker process
         self._declared: _KnownLabels | None = None  # created (at 0) by the next flush
+        self._rate_limited: defaultdict[str, int] = defaultdict(int)
+        self._queue_rejected: defaultdict[str, int] = defaultdict(int)
+        self._fallbacks = 0
+        self._client_rejected = 0
+        #: Called at each flush for the gauges' current values: ``(gauge name, labels, value)``.
+        self.sample: Callable[[], Sample] | None = None
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -244,6 +292,22 @@ class WorkerMetrics:
         """Count one upstream failure by kind: ``"connect"``, ``"tls"``, ``"reset"``, ``"timeout"``, ``"protocol"``..."""
         self._upstream_errors[upstream, kind] += 1
 
+    def rate_limited(self, route: str) -> None:
+        """Count one request refused 429 by ``route``'s rate limit."""
+        self._rate_limited[route] += 1
+
+    def queue_rejected(self, upstream: str) -> None:
+        """Count one request answered 503 for want of an upstream connection."""
+        self._queue_rejected[upstream] += 1
+
+    def rate_limit_fallbacks(self, count: int) -> None:
+        """Count ``count`` rate-limit decisions made locally while Redis was away."""
+        self._fallbacks += count
+
+    def client_rejected(self) -> None:
+        """Count one client connection refused past ``max_connections``."""
+        self._client_rejected += 1
+
     def declare(
         self,
         *,
@@ -254,14 +318,17 @@ class WorkerMetrics:
         upstream_kinds: Iterable[str],
         issuers: Iterable[str],
         introspecting: Iterable[str] = (),
+        rate_limited_routes: Iterable[str] = (),
     ) -> None:
         """Label values every labelled counter has from the start, at 0 (the next ``flush()``
         creates them): ``routes`` with :data:`ROUTE_STATUSES` (plus "-" with
         :data:`UNROUTED_STATUSES`) on each kind of listener, every failure ``reason``, each upstream with each kind, each
         issuer with :data:`JWKS_REFRESH_RESULTS`, each ``introspecting`` issuer with
-        :data:`INTROSPECTION_RESULTS`, and :data:`TOKEN_CACHE_RESULTS`."""
+        :data:`INTROSPECTION_RESULTS`, :data:`TOKEN_CACHE_RESULTS`, and the limits' counters for
+        every route with a rate limit and every upstream's queue."""
         kinds = list(listeners)
         routes = list(routes)
+        upstreams = list(upstreams)
         self._declared = _KnownLabels(
             requests=[(route, status, kind) for kind in kinds for route in routes for status in ROUTE_STATUSES]
             + [("-", status, kind) for kind in kinds for status in UNROUTED_STATUSES],
@@ -269,6 +336,8 @@ class WorkerMetrics:
             upstream_errors=[(name, kind) for name in upstreams for kind in upstream_kinds],
             jwks=[(issuer, result) for issuer in issuers for result in JWKS_REFRESH_RESULTS],
             introspection=[(issuer, result) for issuer in introspecting for result in INTROSPECTION_RESULTS],
+            rate_limited=list(rate_limited_routes),
+            queues=upstreams,
         )
 
     # -- publishing -------------------------------------------------------------------------
@@ -288,6 +357,10 @@ class WorkerMetrics:
         introspection, self._introspection = self._introspection, defaultdict(int)
         hist, self._hist = self._hist, [0] * len(self._hist)
         hist_sum, self._hist_sum = self._hist_sum, 0.0
+        limited, self._rate_limited = self._rate_limited, defaultdict(int)
+        rejected, self._queue_rejected = self._queue_rejected, defaultdict(int)
+        fallbacks, self._fallbacks = self._fallbacks, 0
+        client_rejected, self._client_rejected = self._client_rejected, 0
         declared, self._declared = self._declared, None
         if declared is not None:
             # labels() alone writes the sample, at 0, into this process's multiprocess file.
@@ -303,6 +376,12 @@ class WorkerMetrics:
                 prom.introspection.labels(issuer_label, result_label)
             for cache_label in TOKEN_CACHE_RESULTS:
                 prom.token_cache.labels(cache_label)
+            for route_label in declared.rate_limited:
+                prom.rate_limited.labels(route_label)
+            for upstream_label in declared.queues:
+                prom.queue_rejected.labels(upstream_label)
+            prom.rate_limit_fallbacks.inc(0)
+            prom.client_rejected.inc(0)
 
         for (route, status, listener), n in requests.items():
             prom.requests.labels(route, str(status), listener).inc(n)
@@ -316,6 +395,18 @@ class WorkerMetrics:
             prom.upstream_errors.labels(name, kind).inc(n)
         for (issuer, result), n in introspection.items():
             prom.introspection.labels(issuer, result).inc(n)
+        for route, n in limited.items():
+            prom.rate_limited.labels(route).inc(n)
+        for name, n in rejected.items():
+            prom.queue_rejected.labels(name).inc(n)
+        if fallbacks:
+            prom.rate_limit_fallbacks.inc(fallbacks)
+        if client_rejected:
+            prom.client_rejected.inc(client_rejected)
+        if self.sample is not None:
+            for gauge, labels, value in self.sample():
+                metric = prom.gauges[gauge]
+                (metric.labels(*labels) if labels else metric).set(value)
         if any(hist):
             buckets = prom.duration._buckets   # see module docstring
             for i, n in enumerate(hist):

@@ -186,14 +186,14 @@ class Policy:
 
     # -- answers -------------------------------------------------------------------------------
 
-    def headers(self, wait: float) -> list[tuple[bytes, bytes]]:
+    def headers(self, wait: float) -> tuple[tuple[bytes, bytes], ...]:
         """The fields of a 429 for a request refused with ``wait`` seconds to go."""
         seconds = b"%d" % retry_after_seconds(wait)
-        return [
+        return (
             (b"retry-after", seconds),
             (b"ratelimit-policy", self.policy_field),
             (b"ratelimit", self.name + b";r=0;t=" + seconds),
-        ]
+        )
 
 
 class LocalLimiter:
@@ -236,7 +236,8 @@ class RedisLimiter:
     """GCRA cells on Redis, shared by every node; the local limiter while Redis is away.
 
     ``client`` is a ``redis.asyncio.Redis``; ``local`` decides when it fails. ``on_state(up,
-    error)`` is called once when an outage starts (``up`` False) and once when it ends."""
+    error)`` is called once when an outage starts (``up`` False) and once when it ends; without
+    it, those two moments are logged here."""
 
     def __init__(self, client: Any, local: LocalLimiter, *, retry_interval: float = 1.0,
                  on_state: Callable[[bool, str], None] | None = None,
@@ -272,7 +273,8 @@ class RedisLimiter:
             self.up = True
             if self.on_state is not None:
                 self.on_state(True, "")
-            log.info("rate limit backend redis is back; limits are shared across nodes again")
+            else:
+                log.info("rate limit backend redis is back; limits are shared across nodes again")
         return float(reply)
 
     def _went_down(self, exc: BaseException) -> None:
@@ -282,8 +284,9 @@ class RedisLimiter:
             reason = f"{type(exc).__name__}: {exc}"
             if self.on_state is not None:
                 self.on_state(False, reason)
-            log.warning("rate limit backend redis unreachable (%s); limits apply per host until "
-                        "it is back", reason)
+            else:
+                log.warning("rate limit backend redis unreachable (%s); limits apply per host until "
+                            "it is back", reason)
 
 
 class FailureBudget:
@@ -318,14 +321,14 @@ class FailureBudget:
         """Count one failed verification from ``client``."""
         self.table.update(self._key(client), now, _count_in_window)
 
-    def headers(self, wait: float) -> list[tuple[bytes, bytes]]:
+    def headers(self, wait: float) -> tuple[tuple[bytes, bytes], ...]:
         """The fields of a 429 from the failure budget."""
         seconds = b"%d" % retry_after_seconds(wait)
-        return [
+        return (
             (b"retry-after", seconds),
             (b"ratelimit-policy", b'"failures";q=%d;w=1' % self.per_second),
             (b"ratelimit", b'"failures";r=0;t=' + seconds),
-        ]
+        )
 
 
 def _count_in_window(state: State | None, now: float) -> tuple[State, float, None]:

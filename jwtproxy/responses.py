@@ -19,6 +19,7 @@ REASONS = {
     405: b"Method Not Allowed",
     408: b"Request Timeout",
     413: b"Content Too Large",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     502: b"Bad Gateway",
@@ -32,6 +33,7 @@ ERROR_CODES = {
     405: "method_not_allowed",
     408: "request_timeout",
     413: "request_too_large",
+    429: "rate_limited",
     431: "request_header_fields_too_large",
     500: "internal_error",
     502: "bad_gateway",
@@ -80,11 +82,15 @@ def error_response(
     retry_after: int | None = None,
     head_only: bool = False,
     dpop_nonce: str | None = None,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> bytes:
     """A complete HTTP/1.1 response with a JSON body ``{"error", "error_description"}``.
 
-    ``dpop_nonce``: a fresh server nonce for the ``DPoP-Nonce`` header (RFC 9449 §8)."""
-    before, after = _error_parts(status, description, error, www_auth, retry_after, close, head_only, dpop_nonce)
+    ``dpop_nonce``: a fresh server nonce for the ``DPoP-Nonce`` header (RFC 9449 §8).
+    ``headers``: further fields of the gateway's own (a 429's ``RateLimit`` fields)."""
+    before, after = _error_parts(
+        status, description, error, www_auth, retry_after, close, head_only, dpop_nonce, headers
+    )
     if request_id:
         return b"".join((before, b"x-request-id: ", request_id, b"\r\n", after))
     return before + after
@@ -100,6 +106,7 @@ def _error_parts(
     close: bool,
     head_only: bool,
     dpop_nonce: str | None = None,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> tuple[bytes, bytes]:
     """The response around its request id, rendered once: attack traffic is rejected often,
     and the vocabulary of descriptions is fixed (contract: never client content)."""
@@ -122,6 +129,8 @@ def _error_parts(
         parts += (b"retry-after: ", str(retry_after).encode(), b"\r\n")
     if dpop_nonce is not None:
         parts += (b"dpop-nonce: ", dpop_nonce.encode("ascii"), b"\r\n")
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
     tail = [b"connection: close\r\n" if close else b"", b"\r\n", b"" if head_only else body]
     return b"".join(parts), b"".join(tail)
 

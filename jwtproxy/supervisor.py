@@ -23,7 +23,11 @@ Process model (``jwtproxy serve``)::
   with ``os._exit`` so nothing of the parent's state is finalised twice.
 * Inheritance: everything a worker takes over besides config and sockets travels on one
   ``WorkerInheritance`` (``jwtproxy.workerlink``): the link below, the last-good-keys
-  directory, the revocation mirror at fork, and the assertion signing key generated here.
+  directory, the revocation mirror at fork, the assertion signing key generated here, and the
+  host's limit tables (``jwtproxy.connlimits.HostTables``: shared memory made once, before the
+  first fork, so every generation counts rate limits and upstream connections in the same
+  place) with the column of the connection counters the worker writes; the column is cleared
+  when the worker exits, however it ends, so a killed worker's connections stop counting.
 * Assertion keys (contract §5.4): with ``[assertion] enabled`` and no ``key_files``, one key per
   algorithm is generated here, before the first fork that needs it, and kept for the life of the
   process: every worker of every generation signs with it and the admin JWKS publishes it until
@@ -70,6 +74,7 @@ from .admin import compute_readiness, make_admin_app
 from .assertion import AssertionKey, generate_key, jwks_json
 from .config import Config, ConfigError, ListenAddr, RevocationConfig
 from .dpopreplay import TABLE_CAPACITY
+from .connlimits import HostTables, WorkerColumns
 from .metrics import (
     METRICS_CONTENT_TYPE,
     SupervisorMetrics,
@@ -157,6 +162,7 @@ class _Worker:
     report: dict[str, Any] | None = None
     stopping: bool = False
     kill_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    limit_column: int = 0
 
 
 def _default_target() -> WorkerTarget:
@@ -230,6 +236,8 @@ class Supervisor:
         # DPoP nonces from any worker are good on all, and a proof is single-use host-wide.
         self._dpop_nonce_secret = os.urandom(32)
         self._dpop_replay: SharedTable | None = None  # made in _main, before the first fork
+        self._limit_tables: HostTables | None = None
+        self._limit_columns: WorkerColumns | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[int] | None = None
         self._changed: asyncio.Future[None] | None = None
@@ -262,6 +270,10 @@ class Supervisor:
         # Private (0700) directory where workers leave each issuer's last good JWKS, so a worker
         # started while an IdP is down (reload, restart) begins with the keys its peers had.
         self._keys_dir = tempfile.mkdtemp(prefix="jwtproxy-keys-")
+        # Shared memory for the limits of every worker of every generation: made before the
+        # first fork, kept for the supervisor's life (contract §5.5).
+        self._limit_tables = HostTables.create()
+        self._limit_columns = WorkerColumns(self._limit_tables.connections)
         addr: ListenAddr | None = None
         try:
             for key in listen_keys(config):
@@ -350,6 +362,7 @@ class Supervisor:
         sockets = [self._sockets[key] for key in listen_keys(config)]
         assertion_key = self._generated_assertion_key(config)  # before the fork: one key for all
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        column = self._limit_columns.take() if self._limit_columns is not None else 0
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCK_AROUND_FORK)
         try:
             pid = os.fork()
@@ -357,15 +370,19 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             parent_end.close()
             child_end.close()
+            if self._limit_columns is not None:
+                self._limit_columns.give_back(column)
             raise
         if pid == 0:  # child: never returns
             parent_end.close()
-            self._child_main(worker_id, generation, config, sockets, child_end, old_mask, assertion_key)
+            self._child_main(worker_id, generation, config, sockets, child_end, old_mask, assertion_key,
+                             column)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         child_end.close()
         parent_end.setblocking(False)
         now = loop.time()
-        w = _Worker(worker_id, generation, pid, parent_end, config, started=now, last_seen=now)
+        w = _Worker(worker_id, generation, pid, parent_end, config, started=now, last_seen=now,
+                    limit_column=column)
         self._workers[pid] = w
         loop.add_reader(parent_end.fileno(), self._on_message, w)
         log_event("worker_started", worker=worker_id, pid=pid, generation=generation)
@@ -374,7 +391,8 @@ class Supervisor:
 
     def _child_main(self, worker_id: int, generation: int, config: Config,
                     sockets: list[socket.socket], link: socket.socket,
-                    old_mask: Iterable[int], assertion_key: AssertionKey | None) -> None:
+                    old_mask: Iterable[int], assertion_key: AssertionKey | None,
+                    limit_column: int = 0) -> None:
         code = 1
         try:
             # Everything inherited from the supervisor is never freed in the worker: keeps
@@ -411,6 +429,8 @@ class Supervisor:
                 dpop_nonce_secret=self._dpop_nonce_secret,
                 dpop_replay=self._dpop_replay,
                 assertion_key=assertion_key,
+                limit_tables=self._limit_tables,
+                limit_column=limit_column,
             )
             target = self._target or _default_target()
             import uvloop
@@ -503,6 +523,9 @@ class Supervisor:
             pass
         w.link.close()
         mark_worker_dead(w.pid)
+        if self._limit_columns is not None:
+            # Its upstream connections died with it, however it ended: they stop counting.
+            self._limit_columns.give_back(w.limit_column)
         uptime = round(loop.time() - w.started, 3)
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
         if w.stopping:
@@ -818,6 +841,10 @@ class Supervisor:
         if self._dpop_replay is not None:
             self._dpop_replay.close()  # the workers that shared it are gone
             self._dpop_replay = None
+        if self._limit_tables is not None:
+            self._limit_tables.close()  # likewise
+            self._limit_tables = None
+            self._limit_columns = None
 
     @staticmethod
     def _close_sockets(sockets: Iterable[socket.socket]) -> None:

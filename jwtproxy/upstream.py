@@ -67,7 +67,7 @@ TLS_LOG_INTERVAL = 10.0
 
 
 #: Every ``kind`` of ``jwtproxy_upstream_errors_total``, counted from 0 for every upstream.
-UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect", "tls", "reset", "timeout", "protocol", "internal")
+UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect", "tls", "reset", "timeout", "protocol", "internal", "overflow")
 
 
 class UpstreamError(Exception):

@@ -46,9 +46,11 @@ from jwtproxy.auth import AUTH_FAILURE_REASONS, CachedToken, cached_token
 from jwtproxy.config import Config, TracingConfig
 from jwtproxy.dpop import NonceIssuer, ProofChecker
 from jwtproxy.dpopreplay import HostReplayGuard, RedisReplayGuard
+from jwtproxy.connlimits import raise_open_file_limit
 from jwtproxy.gateway import Gateway
 from jwtproxy.introspection import IntrospectionEndpoint, Introspector
 from jwtproxy.jwks import FetchPolicy, KeyManager
+from jwtproxy.limits import WorkerLimits
 from jwtproxy.metrics import WorkerMetrics
 from jwtproxy.revocation import RevocationStore, open_store
 from jwtproxy.upstream import UPSTREAM_ERROR_KINDS
@@ -137,6 +139,8 @@ class Worker:
             assertion_key=assertion_signing_key(config, inheritance),
             tracer=self.tracing,
             introspectors=self.introspectors,
+            limits=WorkerLimits(config, inheritance.limit_tables, inheritance.limit_column,
+                                on_backend_state=_limits_backend_state),
         )
 
         # Every labelled counter exists from the start, at 0 (contract §5.6).
@@ -148,6 +152,7 @@ class Worker:
             upstream_kinds=UPSTREAM_ERROR_KINDS,
             issuers=[issuer.name for issuer in config.issuers],
             introspecting=list(self.introspectors),
+            rate_limited_routes=[r.label for r in self.gateway.routes.values() if r.rate_limit is not None],
         )
 
     def _keys_changed(self, issuer: str) -> None:
@@ -208,6 +213,12 @@ def assertion_signing_key(config: Config, inheritance: WorkerInheritance) -> Ass
     return inherited
 
 
+def _limits_backend_state(up: bool, reason: str) -> None:
+    """The Redis rate-limit backend came or went: one event line each way (never per request)."""
+    log_event("rate_limit_backend", level="info" if up else "warning", up=up, error=reason or None,
+              pid=os.getpid())
+
+
 def _store_log(message: str, *args: Any) -> None:
     """printf-style logger handed to the revocation store (never receives tokens)."""
     log_event("revocation", message=message % args if args else message, pid=os.getpid())
@@ -250,6 +261,10 @@ async def serve_worker(config: Config, sockets: list[socket.socket], inheritance
 
     ``sockets``: the traffic listeners' then the authz listeners' (:func:`split_listeners`)."""
     loop = asyncio.get_running_loop()
+    # The soft open-file limit (often 1024) would otherwise be the real connection cap.
+    before, after = raise_open_file_limit()
+    if after != before:
+        log_event("open_file_limit", pid=os.getpid(), before=before, after=after)
     worker = build_worker(config, inheritance)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

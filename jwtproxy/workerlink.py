@@ -18,7 +18,11 @@ takes over from its parent, one field per kind:
   once on the whole host, across workers and reload generations;
 * ``assertion_key`` -- the assertion signing key the supervisor generated before forking when
   ``[assertion] key_files`` is empty, so every worker signs with the key the admin JWKS
-  publishes (contract §5.4).
+  publishes (contract §5.4);
+* ``limit_tables`` and ``limit_column`` -- the host's shared-memory tables of rate-limit cells,
+  failure counts and upstream connection counters (:class:`jwtproxy.connlimits.HostTables`),
+  made once before the first fork so every generation shares them, and the column of the
+  connection counters this worker writes.
 
 A later feature that hands something new to workers (a shared-memory table, a key generated
 once per daemon, a secret all workers must share) adds a field here with a default that means
@@ -40,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jwtproxy.assertion import AssertionKey
+from jwtproxy.connlimits import HostTables
 from jwtproxy.revocation import RevocationSnapshot
 from jwtproxy.sharedtable import SharedTable
 
@@ -124,3 +129,5 @@ class WorkerInheritance:
     dpop_nonce_secret: bytes | None = field(default=None, repr=False)  # None: the worker makes one
     dpop_replay: SharedTable | None = None  # None: the worker's own table (it is the whole host)
     assertion_key: AssertionKey | None = None
+    limit_tables: HostTables | None = None
+    limit_column: int = 0

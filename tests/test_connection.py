@@ -158,7 +158,8 @@ async def test_fault_after_key_refetch_is_500(make_gateway, backend, monkeypatch
     gw = await make_gateway(routes=AUTH_ROUTES)
     loop = asyncio.get_running_loop()
 
-    def authorize(rules: Any, token: Any, now: float, refetched: bool = False, presented: Any = None) -> Any:
+    def authorize(rules: Any, token: Any, now: float, refetched: bool = False, presented: Any = None,
+                  client: str = "") -> Any:
         if refetched:
             raise RuntimeError("injected fault")
         done = loop.create_future()

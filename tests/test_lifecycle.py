@@ -13,6 +13,7 @@ ALLOWED = {
     (lc.WAITING, lc.CONNECT): lc.CONNECTING,
     (lc.WAITING, lc.ATTACH): lc.FORWARDED,
     (lc.WAITING, lc.ANSWER): lc.DONE,
+    (lc.DECIDING, lc.DEFER): lc.DECIDING,
     (lc.DECIDING, lc.CONNECT): lc.CONNECTING,
     (lc.DECIDING, lc.ATTACH): lc.FORWARDED,
     (lc.DECIDING, lc.ANSWER): lc.DONE,

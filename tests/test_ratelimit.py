@@ -171,11 +171,11 @@ def test_retry_after_rounds_up_to_whole_seconds_at_least_one() -> None:
 
 def test_rate_limit_fields_follow_the_ietf_draft() -> None:
     policy = Policy(requests=100, per=60, burst=20, key="sub")
-    assert policy.headers(2.3) == [
+    assert policy.headers(2.3) == (
         (b"retry-after", b"3"),
         (b"ratelimit-policy", b'"sub";q=100;w=60;jwtproxy-burst=20'),
         (b"ratelimit", b'"sub";r=0;t=3'),
-    ]
+    )
     # No burst: no vendor parameter. A window that is not whole seconds: no w (the draft has no
     # fractions).
     assert Policy(5, 1, key="client_ip").policy_field == b'"client_ip";q=5;w=1'
@@ -186,11 +186,11 @@ def test_rate_limit_fields_follow_the_ietf_draft() -> None:
 
 def test_failure_budget_fields() -> None:
     budget = FailureBudget(SharedTable(64, values=2), 20)
-    assert budget.headers(0.4) == [
+    assert budget.headers(0.4) == (
         (b"retry-after", b"1"),
         (b"ratelimit-policy", b'"failures";q=20;w=1'),
         (b"ratelimit", b'"failures";r=0;t=1'),
-    ]
+    )
 
 
 # -- local backend -----------------------------------------------------------------------------
@@ -268,15 +268,20 @@ async def test_redis_outage_falls_back_to_local_logs_once_and_probes_again(
                            clock=lambda: clock[0])
     policy = Policy(requests=1, per=10, key="client_ip")
     key = policy.key_for("10.1.1.1")
-    with caplog.at_level(logging.WARNING, logger="jwtproxy.ratelimit"):
-        assert await limiter.check(policy, key, NOW) == 0.0  # decided locally, admitted
-        assert await limiter.check(policy, key, NOW) == pytest.approx(10.0)  # the local limit holds
-        assert script.calls == 1  # within retry_interval Redis is not asked again
-        clock[0] = 1.5
-        assert await limiter.check(policy, key, NOW + 10) == 0.0
-        assert script.calls == 2  # one probe after retry_interval
+    assert await limiter.check(policy, key, NOW) == 0.0  # decided locally, admitted
+    assert await limiter.check(policy, key, NOW) == pytest.approx(10.0)  # the local limit holds
+    assert script.calls == 1  # within retry_interval Redis is not asked again
+    clock[0] = 1.5
+    assert await limiter.check(policy, key, NOW + 10) == 0.0
+    assert script.calls == 2  # one probe after retry_interval
     assert limiter.fallbacks == 3
-    assert states == [(False, "ConnectionError: refused")]  # one state change, one log line
+    assert states == [(False, "ConnectionError: refused")]  # one state change per outage
+
+    # Without a state callback the limiter logs the outage itself, once.
+    quiet = RedisLimiter(_FakeRedis(_BrokenScript(RedisConnectionError("refused"))), local, clock=lambda: 0.0)
+    with caplog.at_level(logging.WARNING, logger="jwtproxy.ratelimit"):
+        for _ in range(3):
+            await quiet.check(policy, key, NOW)
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
     script.exc = RuntimeError("a bug, not an outage")  # programming errors are not swallowed
