@@ -92,11 +92,14 @@ class HostTables:
     connections: SharedTable  # open upstream connections per target: one value per worker column
 
     @classmethod
-    def create(cls) -> HostTables:
+    def create(cls, *, workers: int = WORKER_COLUMNS) -> HostTables:
+        """The tables of a supervisor; ``workers=1``: small ones for a lone worker (no
+        supervisor: ``jwtproxy verify``, in-process gateways), a sixteenth of the size."""
+        scale = 1 if workers > 1 else 16
         return cls(
-            rates=SharedTable(RATE_CELLS, values=1),
-            failures=SharedTable(FAILURE_CELLS, values=2),
-            connections=SharedTable(CONNECTION_COUNTERS, values=WORKER_COLUMNS),
+            rates=SharedTable(RATE_CELLS // scale, values=1),
+            failures=SharedTable(FAILURE_CELLS // scale, values=2),
+            connections=SharedTable(CONNECTION_COUNTERS // scale, values=min(workers, WORKER_COLUMNS)),
         )
 
     def close(self) -> None:
@@ -189,7 +192,9 @@ class UpstreamSlots:
         if self._own[index] <= 0:
             raise RuntimeError(f"release without a slot held for target {index}")
         self._own[index] -= 1
-        if self.table is not None:
+        # A lone worker closes its own tables when it stops; connections closing after that
+        # have nothing left to count in.
+        if self.table is not None and not self.table.closed:
             self.table.add(self.keys[index], -1, 0.0, column=self.column)
 
     def held(self, index: int) -> int:

@@ -48,7 +48,9 @@ class WorkerLimits:
                  on_backend_state: Callable[[bool, str], None] | None = None) -> None:
         limits = config.limits
         self.config = limits
-        self.tables = tables if tables is not None else HostTables.create()
+        # Without a supervisor's tables the worker makes (and closes) small ones of its own.
+        self._own_tables = tables is None
+        self.tables = tables if tables is not None else HostTables.create(workers=1)
         self.column = column
         self.max_connections = limits.max_connections
         self.local = LocalLimiter(self.tables.rates)
@@ -155,7 +157,11 @@ class WorkerLimits:
         return self.redis.up if self.redis is not None else None
 
     async def close(self) -> None:
+        """Close the Redis client, and the tables if this worker made them."""
         if self.redis is not None:
             client = self.redis.client
             self.redis = None
             await client.aclose()
+        if self._own_tables:
+            self._own_tables = False
+            self.tables.close()

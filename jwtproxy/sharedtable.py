@@ -90,6 +90,13 @@ class SharedTableBusy(RuntimeError):
     """A stripe stayed locked past ``lock_timeout`` (its holder is stopped, not dead)."""
 
 
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def _memory_file(size: int) -> int:
     """A file descriptor of ``size`` zeroed bytes with no name anywhere."""
     if hasattr(os, "memfd_create"):
@@ -132,7 +139,7 @@ class SharedTable:
     __slots__ = (
         "capacity", "values", "stripes", "lock_timeout", "evictions",
         "_buckets", "_bucket_bytes", "_record", "_records", "_fd", "_map", "_salt",
-        "_thread_lock", "_zero_values", "__weakref__",
+        "_thread_lock", "_zero_values", "_closer", "__weakref__",
     )
 
     def __init__(self, capacity: int, *, values: int = 1, stripes: int = 64,
@@ -155,6 +162,9 @@ class SharedTable:
         self._fd = _memory_file(self._buckets * self._bucket_bytes)
         self._map = mmap.mmap(self._fd, self._buckets * self._bucket_bytes, mmap.MAP_SHARED,
                               mmap.PROT_READ | mmap.PROT_WRITE)
+        # A table dropped without close() must not keep its descriptor (the mapping goes with the
+        # mmap object); close() runs the same finaliser once.
+        self._closer = weakref.finalize(self, _close_fd, self._fd)
         self._salt = os.urandom(16)
         self._thread_lock = threading.Lock()
         self._zero_values = (0.0,) * values
@@ -487,7 +497,12 @@ class SharedTable:
             count += sum(1 for way in range(WAYS) if records[way * stride] > now)
         return count
 
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close` (in this process)."""
+        return self._map.closed
+
     def close(self) -> None:
-        """Unmap and close this process's view (other processes keep theirs)."""
+        """Unmap and close this process's view (other processes keep theirs); idempotent."""
         self._map.close()
-        os.close(self._fd)
+        self._closer()

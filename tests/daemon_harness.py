@@ -166,7 +166,7 @@ class Daemon:
 
     def __init__(self, tmp: Path, settings: dict[str, Any] | None = None, *, config_path: Path | None = None,
                  command: str = "serve", env: dict[str, str] | None = None, name: str = "daemon",
-                 start: bool = True) -> None:
+                 start: bool = True, open_files: int | None = None) -> None:
         self.tmp = tmp
         self.name = name
         self.command = command
@@ -187,6 +187,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
         self._run_offset = 0  # where this run's lines start in stderr_path
+        self.open_files = open_files  # RLIMIT_NOFILE (soft and hard) of the daemon, if given
         if start:
             self.start()
 
@@ -200,9 +201,15 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "jwtproxy", self.command, "-c", str(self.config_path)],
                 cwd=self.tmp, env=subprocess_env(**self.env), stdout=stdout, stderr=stderr,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, preexec_fn=self._limit_open_files if self.open_files else None,
             )
         return self
+
+    def _limit_open_files(self) -> None:
+        import resource
+
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     @property
     def running(self) -> subprocess.Popen[bytes]:
