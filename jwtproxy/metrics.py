@@ -347,6 +347,8 @@ class WorkerMetrics:
         prom = self._prom
         if prom is None:
             prom = self._prom = _PromWorker(self._bounds)
+        # Sampled first: the sampler may count (fallback decisions), and those counts belong here.
+        gauges = list(self.sample()) if self.sample is not None else []
         # Swap before publishing: whatever the hot path counts meanwhile lands in the new
         # dicts (all on one event loop thread, so this is only about re-entrancy).
         requests, self._requests = self._requests, defaultdict(int)
@@ -403,10 +405,9 @@ class WorkerMetrics:
             prom.rate_limit_fallbacks.inc(fallbacks)
         if client_rejected:
             prom.client_rejected.inc(client_rejected)
-        if self.sample is not None:
-            for gauge, labels, value in self.sample():
-                metric = prom.gauges[gauge]
-                (metric.labels(*labels) if labels else metric).set(value)
+        for gauge, labels, value in gauges:
+            metric = prom.gauges[gauge]
+            (metric.labels(*labels) if labels else metric).set(value)
         if any(hist):
             buckets = prom.duration._buckets   # see module docstring
             for i, n in enumerate(hist):
