@@ -162,3 +162,35 @@ async def test_upstream_cap_queues_then_answers_503_with_retry_after(make_gatewa
     assert (await slow)[0] == 200
     assert (await call(gw.port, get("/rl/c")))[0] == 200  # the connection is free again
     assert gw.gateway.metrics._queue_rejected["backend"] == 2
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_the_address_that_counts_is_the_one_a_trusted_proxy_names(
+        make_gateway: Any, backend: Any, rsa_key: Any, trusted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    frozen = float(int(time.time())) + 0.25  # the failures below share one window
+
+    class Clock:
+        @staticmethod
+        def time() -> float:
+            return frozen
+
+    monkeypatch.setattr(jwtproxy.connection, "time", Clock)
+    limited = RL | {"rate_limit": {"requests": 1, "per": 60, "key": "client_ip"}}
+    gw = await make_gateway(routes=[limited, PLAIN],
+                            server={"trusted_proxies": ["127.0.0.1/32"] if trusted else []},
+                            extra={"limits": {"failures_per_ip": 1}})
+
+    def via(client: str, path: str, token: str | None = None) -> bytes:
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        return f"GET {path} HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: {client}\r\n{auth}\r\n".encode()
+
+    first = (await call(gw.port, via("10.0.0.1", "/rl")))[0]
+    second = (await call(gw.port, via("10.0.0.2", "/rl")))[0]
+    # Behind a trusted proxy each client has its own count; otherwise the header is the client's
+    # own word, ignored: both requests count against the proxy's address.
+    assert (first, second) == ((200, 200) if trusted else (200, 429))
+    # The failure budget counts the same address.
+    for n in range(2):
+        assert (await call(gw.port, via("10.0.0.9", "/x", forged(rsa_key, n))))[0] == 401
+    status = (await call(gw.port, via("10.0.0.8", "/x", rsa_key.token(sub="other"))))[0]
+    assert status == (200 if trusted else 429)
