@@ -58,6 +58,10 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
              ("jwtproxy-httptools", "jwtproxy-h11")),
     Scenario("i", "one valid RS256 token reused, signed assertions on vs off (cache-hit path)", "/",
              "one-rs256", 200, ("jwtproxy-httptools", "jwtproxy-assertion")),
+    # Limits (contract §5.5): (a) again on a route with a rate limit keyed by `sub` that the load
+    # never reaches, so every request pays the shared-table decision and is admitted. Compare with (a).
+    Scenario("j", "as (a), on a rate-limited route (limit never reached)", "/limited", "one-rs256", 200,
+             ("jwtproxy-httptools", "jwtproxy-h11")),
 )}
 
 

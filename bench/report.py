@@ -127,6 +127,22 @@ def targets_table(results: Mapping[str, Mapping[str, Row]]) -> list[str]:
         h11_text = f" (h11: {h11:.2f}x)" if h11 is not None else ""
         unit = "x" if t.metric == "rps" else "x of Envoy's p99"
         lines.append(f"| {t.text} | {value:.2f}{unit}{h11_text} | {'yes' if met else '**no**'} |")
+    # Limits on against off: scenario (j) against (a), same peer, same run.
+    on, off = results.get("j"), results.get("a")
+    if on is not None and off is not None:
+        ratios = {}
+        for peer in ("jwtproxy-httptools", "jwtproxy-h11"):
+            a, b = on.get(peer), off.get(peer)
+            x = a.med("rps") if a is not None and a.ok else None
+            y = b.med("rps") if b is not None and b.ok else None
+            ratios[peer] = x / y if x is not None and y else None
+        value, h11 = ratios["jwtproxy-httptools"], ratios["jwtproxy-h11"]
+        text = "(j)/(a) jwtproxy/httptools rps with limits on >= 0.9x off"
+        if value is None:
+            lines.append(f"| {text} | not measured | — |")
+        else:
+            h11_text = f" (h11: {h11:.2f}x)" if h11 is not None else ""
+            lines.append(f"| {text} | {value:.2f}x{h11_text} | {'yes' if value >= 0.9 else '**no**'} |")
     return lines
 
 

@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, help="repetitions (medians reported); default 3, quick 1")
     ap.add_argument("--duration", type=int, help="seconds per measured run; default 8, quick 1")
     ap.add_argument("--warmup", type=int, help="seconds of unmeasured load first; default 1, quick 0")
-    ap.add_argument("--only", help="comma-separated scenario keys (a-h); default all")
+    ap.add_argument("--only", help="comma-separated scenario keys (a-j); default all")
     ap.add_argument("--peers", help=f"comma-separated peers; default all: {','.join(ALL_PEERS)}")
     ap.add_argument("--tokens", type=int, help="distinct tokens in rotation; default 100000, quick 1000")
     ap.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")

@@ -28,6 +28,14 @@ ending in an answer rather than a hang:
   another worker (seen by a 10 ms check that runs only while someone waits: another process
   cannot wake this one's loop). Past the queue's bound, or past the wait, the answer is a 503
   with ``Retry-After``.
+* *Connect timers under a stall.* A burst can hold a worker's loop up for longer than
+  ``connect_timeout``. Completing a connect takes the loop several turns, and the expired timer
+  runs before them, so an upstream connect that completed in the kernel at once would be timed
+  out (a 504 for the gateway's own slowness; measured: every time under uvloop with a 0.5 s
+  stall and a 0.2 s timeout). So a connect timeout that fires more than ``LATE_TIMER`` late
+  waits ``STALL_GRACE`` more, up to ``STALL_GRACES`` times in a row; one that fires on time (a
+  loop keeping up) counts at once. (Reading a request or a response is one turn: a late header
+  or response timer finds the bytes already read, so those timers need no such grace.)
 """
 
 from __future__ import annotations
@@ -69,6 +77,14 @@ BUSY_RESPONSE: Final = (
 
 #: Seconds between checks for slots freed by other workers, while requests wait.
 CROSS_WORKER_POLL: Final = 0.01
+
+#: A connect timer that fires this much after it was due was held up by a busy loop (a burst), not
+#: by the upstream: a connect that completed meanwhile is seen before the timeout counts.
+LATE_TIMER: Final = 0.1
+#: How much longer such a late timeout waits, so the loop polls its sockets first; and how many
+#: times in a row (a grace that fires late again is a loop still overloaded).
+STALL_GRACE: Final = 0.05
+STALL_GRACES: Final = 10
 
 
 #: Sizes of the host's tables. Rate cells live until their TAT and failure counts one second, so

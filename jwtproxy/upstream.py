@@ -48,15 +48,24 @@ import logging
 import ssl
 import time
 from collections import deque
-from typing import Protocol, cast
+from collections.abc import Coroutine
+from typing import Any, Protocol, cast
 
 import httptools
 
 from jwtproxy.accesslog import log_event
 from jwtproxy.codec import unwrap_callback_error
 from jwtproxy.config import Target, UpstreamConfig
+from jwtproxy.connlimits import (
+    CROSS_WORKER_POLL,
+    LATE_TIMER,
+    STALL_GRACE,
+    STALL_GRACES,
+    PendingQueue,
+    QueueFull,
+    UpstreamSlots,
+)
 from jwtproxy.upstream_tls import client_context, failure_reason
-from jwtproxy.connlimits import CROSS_WORKER_POLL, PendingQueue, QueueFull, UpstreamSlots
 
 __all__ = ["ResponseSink", "UpstreamConnection", "UpstreamError", "UpstreamPool"]
 
@@ -430,6 +439,42 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = None
 
 
+async def _within(
+    loop: asyncio.AbstractEventLoop,
+    connecting: Coroutine[Any, Any, tuple[asyncio.BaseTransport, UpstreamConnection]],
+    timeout: float,
+) -> UpstreamConnection:
+    """The connection ``connecting`` makes, or ``asyncio.TimeoutError`` after ``timeout``.
+
+    Unlike ``asyncio.wait_for``, a timeout that fires late (a burst kept the loop busy for longer
+    than the timeout) does not count yet: completing a connect takes the loop several turns, and
+    a stalled loop runs the expired timer before them, so a connect that completed in the kernel
+    at once would be declared timed out (a 504 for an upstream that answered). The wait goes on in
+    short graces for as long as the timer keeps firing late (:mod:`jwtproxy.connlimits`); a timer
+    that fires on time (a loop keeping up) ends it."""
+    attempt = loop.create_task(connecting)
+    deadline = loop.time() + timeout
+    graces = 0
+    try:
+        while True:
+            done, _ = await asyncio.wait((attempt,), timeout=max(0.0, deadline - loop.time()))
+            if done:
+                return attempt.result()[1]
+            now = loop.time()
+            if now - deadline < LATE_TIMER or graces >= STALL_GRACES:
+                raise asyncio.TimeoutError()
+            graces += 1
+            deadline = now + STALL_GRACE
+    finally:
+        if not attempt.done():
+            attempt.cancel()
+            # As wait_for does: see the attempt end, so a connection that won the race against
+            # the cancellation is closed rather than left open with nobody holding it.
+            await asyncio.wait((attempt,))
+            if not attempt.cancelled() and attempt.exception() is None:
+                attempt.result()[0].close()
+
+
 class UpstreamPool:
     """Keep-alive connections to the targets of one upstream, round robin.
 
@@ -515,7 +560,8 @@ class UpstreamPool:
                 return conn
 
             try:
-                _, conn = await asyncio.wait_for(
+                conn = await _within(
+                    loop,
                     loop.create_connection(
                         protocol,
                         target.host,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import uvloop
 
 from jwtproxy.config import Target, UpstreamConfig
 from jwtproxy.connlimits import UpstreamSlots
@@ -155,3 +157,59 @@ async def test_closing_the_pool_answers_every_waiter(upstream: CountingServer) -
     with pytest.raises(UpstreamError):
         await waiting
     held.close()
+
+
+def run_on(loop_kind: str, scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run ``scenario`` on a fresh loop of that kind: the daemon's (uvloop) or the stdlib's.
+    Which callbacks a loop runs first after a stall (timers or sockets) differs between them."""
+    if loop_kind == "uvloop":
+        uvloop.run(scenario())
+    else:
+        asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_a_connect_done_while_the_loop_was_stalled_is_not_a_timeout(loop_kind: str) -> None:
+    # A burst can keep the loop busy for longer than connect_timeout; the connect itself finished
+    # in microseconds. Its timer then fires late, before the socket is looked at: that must not
+    # be a 504 for an upstream that answered at once.
+    async def scenario() -> None:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        pool = pool_for(server.sockets[0].getsockname()[1], None, queue=0, connect_timeout=0.2)
+        for _ in range(3):
+            asyncio.get_running_loop().call_soon(time.sleep, 0.5)  # the loop stalls as the connect starts
+            conn = await pool.connect()
+            assert isinstance(conn, UpstreamConnection) and not conn.closed
+            conn.close()
+        pool.close()
+        server.close()
+
+    run_on(loop_kind, scenario)
+
+
+async def test_a_connect_that_never_completes_still_times_out() -> None:
+    # A listener that never accepts, its queue filled: further SYNs are dropped, connects hang.
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    await asyncio.sleep(0.1)
+    pool = pool_for(port, None, queue=0, connect_timeout=0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(UpstreamError) as info:
+            await pool.connect()
+        assert info.value.status == 504 and time.monotonic() - started < 2
+    finally:
+        pool.close()
+        for s in fillers:
+            s.close()
+        server.close()
