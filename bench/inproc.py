@@ -194,11 +194,12 @@ class Harness:
     """One worker, one client connection and one pooled upstream connection, all in process."""
 
     def __init__(self, scenario: str, parser: str, routes: int, total_keys: int, warmup: int, requests: int) -> None:
-        from jwtproxy.auth import Allow, CachedToken
+        from jwtproxy.auth import Allow
         from jwtproxy.config import parse_config
         from jwtproxy.connection import ClientConnection
         from jwtproxy.keys import keyset_from_jwks
         from jwtproxy.revocation.memory import MemoryRevocationStore
+        from jwtproxy.tokencache import cache_key
         from jwtproxy.upstream import UpstreamConnection
         from jwtproxy.worker import build_worker
 
@@ -216,8 +217,15 @@ class Harness:
         self.warmup = warmup
         self.response = RESPONSE_BIG if scenario == "f" else RESPONSE_OK
         self.upstream_step = self.expect == b"200"
-        # A full cache, so that every verified token also evicts the least recently used one.
-        self._pad = CachedToken("bench", 4102444800.0, 0.0, None, None, None, frozenset(), {}, [], Allow([]))
+        # A full cache, so that every verified token also evicts the least recently used one: padded
+        # with copies of a real verdict (a token the measured loop never sends).
+        self._pad = None
+        if gw.cache.size:
+            spare = tokens.token_file(WORK, keys, "RS256", 1000).read_text().split()[-1]
+            rules = gw.routes[id(config.routes[0])].rules
+            if not isinstance(gw.auth.authorize(rules, spare, time.time()), Allow):
+                raise SystemExit("the spare bench token was refused")
+            self._pad = gw.cache.get(cache_key(spare), time.time())
         self.pad_cache()
 
         self.client_transport = FakeTransport(("127.0.0.1", 40000))
@@ -247,7 +255,7 @@ class Harness:
 
     def pad_cache(self) -> None:
         cache = self.gateway.cache
-        if cache.size:
+        if cache.size and self._pad is not None:
             cache.clear()
             for i in range(cache.size):
                 cache.put(i.to_bytes(32, "big"), self._pad)

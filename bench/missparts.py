@@ -36,7 +36,7 @@ import tokens  # noqa: E402
 
 
 def parts(count: int, alg: str) -> list[tuple[str, Callable[[Any, int], Any]]]:
-    from jwtproxy.auth import AuthStage, CachedToken, Allow
+    from jwtproxy.auth import Allow, AuthStage, CachedToken, RouteRules
     from jwtproxy.config import parse_config
     from jwtproxy.identity import render_identity_headers
     from jwtproxy.jose import parse_compact
@@ -57,11 +57,16 @@ def parts(count: int, alg: str) -> list[tuple[str, Callable[[Any, int], Any]]]:
     now = time.time()
     mapping = config.claims_to_headers
     cache: TokenCache[CachedToken] = TokenCache(10_000)
-    pad = CachedToken("bench", 4102444800.0, 0.0, None, None, None, frozenset(), {}, [], Allow([]))
+    stage = AuthStage(config, verifier, cache, MemoryRevocationStore().is_revoked, lambda _i: None)  # type: ignore[arg-type,return-value]
+    rules = RouteRules(config.routes[0], tuple(config.issuers))
+    # A full cache (every miss also evicts one), padded with copies of a real verdict.
+    spare = tokens.token_file(inproc.WORK, keys, "RS256", 1000).read_text().split()[-1]
+    if not isinstance(stage.authorize(rules, spare, now), Allow):
+        raise SystemExit("the spare bench token was refused")
+    pad = cache.get(cache_key(spare), now)
+    assert pad is not None
     for i in range(10_000):
         cache.put(i.to_bytes(32, "big"), pad)
-    stage = AuthStage(config, verifier, cache, MemoryRevocationStore().is_revoked, lambda _i: None)  # type: ignore[arg-type,return-value]
-    rules = __import__("jwtproxy.auth", fromlist=["RouteRules"]).RouteRules(config.routes[0])
     from jwtproxy.auth import token_scopes
 
     return [
