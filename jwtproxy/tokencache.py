@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Any, Final, Generic, Protocol, TypeVar, cast
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 __all__ = ["CacheableVerdict", "Repeats", "TokenCache", "cache_key"]
 
@@ -141,10 +141,11 @@ class Repeats:
             if type(value) is not str:
                 continue
             seen = memo.get(name)
-            if seen is _GIVEN_UP:
-                continue
-            shared = None if seen is None else seen.get(value)
-            if shared is None:
-                self.remember(name, value, value)
-            elif shared is not value:
-                claims[name] = cast(str, shared)  # same keys: allowed while iterating
+            if seen is None:
+                self.remember(name, value, value)  # the first value of a new kind
+            elif seen is not _GIVEN_UP:
+                shared = seen.setdefault(value, value)
+                if shared is not value:
+                    claims[name] = shared  # same keys: allowed while iterating
+                elif len(seen) > self.per_kind:
+                    memo[name] = _GIVEN_UP  # a per-token value (sub, jti): stop paying for it
