@@ -32,7 +32,10 @@ Instruction counts: ``--callgrind`` reruns this script under ``valgrind --tool=c
 collection switched on only inside ``functools.reduce`` (``--toggle-collect``), which drives the
 measured loop, so start-up, imports, key loading and warm-up are not counted. Instruction counts
 do not depend on what else the machine runs, which makes them the measure of choice on a busy
-machine; they do not see cache misses or the kernel (see ``--cache-sim``).
+machine; they do not see cache misses or the kernel (see ``--cache-sim``, and ``--pollute``,
+which sweeps the caches between timed requests). OpenSSL's counts under valgrind are not its
+native ones (valgrind hides SHA-NI and AVX-512 from it), so every figure is also printed
+without the crypto libraries.
 """
 from __future__ import annotations
 
