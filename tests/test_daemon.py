@@ -174,11 +174,15 @@ async def test_sighup_under_load_loses_nothing_and_changes_routes(start_daemon: 
     # The strict check: a fresh connection per request (aiohttp never retries those), some of
     # them slow so exchanges are in flight while the old workers drain. Plus keep-alive
     # clients: a reused idle connection closed by a draining worker is retried once by aiohttp
-    # for a GET, as RFC 9112 §9.3.1 allows, so those check that nothing else goes wrong.
-    async with aiohttp.ClientSession() as keepalive:
+    # for a GET, as RFC 9112 §9.3.1 allows, so those check that nothing else goes wrong. Each
+    # keep-alive client has a pool of its own holding one connection, so its one retry goes out
+    # on a new connection: from a shared pool it could take a second idle connection that the
+    # same drain is closing, a race every server that closes idle connections on drain has.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as first, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as second:
         clients = [asyncio.create_task(client("/api/load", None)) for _ in range(4)]
         clients += [asyncio.create_task(client("/slow/0.3", None)) for _ in range(2)]
-        clients += [asyncio.create_task(client("/api/keepalive", keepalive)) for _ in range(2)]
+        clients += [asyncio.create_task(client("/api/keepalive", own)) for own in (first, second)]
         try:
             await asyncio.sleep(0.5)
             before = set(answered_by)
