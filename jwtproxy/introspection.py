@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import ssl
 import time
@@ -79,6 +78,7 @@ from jwtproxy import __version__
 from jwtproxy.accesslog import log_event
 from jwtproxy.config import IssuerConfig
 from jwtproxy.jose import TokenRejected
+from jwtproxy.tokencache import cache_key
 from jwtproxy.tracing import OperationTracer
 from jwtproxy.upstream_tls import client_context
 from jwtproxy.verifier import IssuerVerifier, Verified
@@ -143,9 +143,8 @@ class IntrospectionPolicy:
     inactive_seconds: float = 10.0  # how long a negative outcome is reused
 
 
-def token_digest(token: str) -> bytes:
-    """The cache key of ``token`` (SHA-256, as the verified-token cache uses)."""
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+# The cache key of a token: the verified-token cache's one key function (SHA-256 of the token).
+token_digest = cache_key
 
 
 # ----------------------------------------------------------------------------- sans-I/O core
