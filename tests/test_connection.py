@@ -189,7 +189,8 @@ async def test_fault_in_upstream_callback_cuts_the_connection(make_gateway, back
 
 async def test_fault_while_handling_an_upstream_failure_is_500(make_gateway, monkeypatch, loop_errors, caplog):
     """The upstream times out and handling that raises: the client still gets an answer."""
-    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+    held: list[asyncio.StreamWriter] = []  # kept: a collected StreamWriter closes its socket (3.13)
+    silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)  # accepts, never answers
     port = silent.sockets[0].getsockname()[1]
     gw = await make_gateway(routes=OPEN_ROUTES, backend_port=port, upstream={"response_timeout": 0.05})
     monkeypatch.setattr(ClientConnection, "upstream_failed", boom)
@@ -197,6 +198,8 @@ async def test_fault_while_handling_an_upstream_failure_is_500(make_gateway, mon
         raw = await raw_exchange(gw.port, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n", until_close=True,
                                  read_timeout=3)
     finally:
+        for writer in held:
+            writer.close()
         silent.close()
     assert raw.startswith(b"HTTP/1.1 500 "), raw
     assert len(internal_errors(caplog)) == 1

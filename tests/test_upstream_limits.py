@@ -174,7 +174,10 @@ def test_a_connect_done_while_the_loop_was_stalled_is_not_a_timeout(loop_kind: s
     # in microseconds. Its timer then fires late, before the socket is looked at: that must not
     # be a 504 for an upstream that answered at once.
     async def scenario() -> None:
-        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        # The server keeps its writers: a StreamWriter that is garbage-collected closes its
+        # socket (Python 3.13), and the client would then see its fresh connection closed.
+        accepted: list[asyncio.StreamWriter] = []
+        server = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
         pool = pool_for(server.sockets[0].getsockname()[1], None, queue=0, connect_timeout=0.2)
         for _ in range(3):
             asyncio.get_running_loop().call_soon(time.sleep, 0.5)  # the loop stalls as the connect starts
@@ -182,6 +185,8 @@ def test_a_connect_done_while_the_loop_was_stalled_is_not_a_timeout(loop_kind: s
             assert isinstance(conn, UpstreamConnection) and not conn.closed
             conn.close()
         pool.close()
+        for writer in accepted:
+            writer.close()
         server.close()
 
     run_on(loop_kind, scenario)
