@@ -95,8 +95,16 @@ class Codec(Protocol):
         ...
 
 
-def unwrap_callback_error(exc: BaseException) -> BaseException:
-    """httptools re-raises a callback's exception as HttpParserCallbackError; find the original."""
+def unwrap_callback_error(exc: BaseException, raised: BaseException | None) -> BaseException:
+    """httptools re-raises a callback's exception as HttpParserCallbackError; find the original.
+
+    ``raised``: what the callback recorded before raising, which is the reliable answer. httptools
+    also chains the original as ``__context__``, but CPython replaces a context when an exception
+    is raised while another is being handled, and compiled code (jwtproxy.compiled) can leave one
+    marked as handled; so the chain is only the fallback.
+    """
+    if raised is not None:
+        return raised
     inner = exc.__cause__ or exc.__context__
     return inner if inner is not None else exc
 
@@ -120,12 +128,14 @@ class HttptoolsCodec:
         "_in_head",
         "_tunnel",
         "_finished",
+        "_raised",
     )
 
     def __init__(self, handler: CodecHandler, max_header_bytes: int) -> None:
         self.handler = handler
         self.max_header_bytes = max_header_bytes
         self.tunnel_after_message = False
+        self._raised: BaseException | None = None  # what a callback raised (unwrap_callback_error)
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -156,14 +166,15 @@ class HttptoolsCodec:
                     self.feed(rest)
             return
         except httptools.HttpParserCallbackError as exc:
-            inner = unwrap_callback_error(exc)
+            inner = unwrap_callback_error(exc, self._raised)
+            self._raised = None
             if isinstance(inner, ProtocolError):
                 raise inner from None
             raise
-        except httptools.HttpParserError as exc:
+        except httptools.HttpParserError as error:  # another name: see jwtproxy.compiled
             if self._finished:
                 return  # llhttp's "Data after Connection: close": the bytes are ignored, as h11 does
-            raise ProtocolError(f"malformed request: {exc}") from None
+            raise ProtocolError(f"malformed request: {error}") from None
         if self._in_head:
             # llhttp keeps a partial header in its own buffer; bound what a client can make it hold.
             self._head_bytes += len(data)
@@ -178,16 +189,21 @@ class HttptoolsCodec:
         self._in_head = True
         self.tunnel_after_message = False
 
+    def _raise(self, error: BaseException) -> BaseException:
+        """Record what a callback is about to raise (see unwrap_callback_error)."""
+        self._raised = error
+        return error
+
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_bytes += len(url)
         if self._head_bytes > self.max_header_bytes:
-            raise ProtocolError("request head too large", 431)
+            raise self._raise(ProtocolError("request head too large", 431))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self.max_header_bytes:
-            raise ProtocolError("request head too large", 431)
+            raise self._raise(ProtocolError("request head too large", 431))
         # Trailing whitespace is not part of a field value (RFC 9110 §5.5); llhttp keeps it, h11
         # strips it, and both codecs must hand the same values on.
         self._headers.append((name.lower(), value.rstrip(b" \t")))
@@ -195,24 +211,33 @@ class HttptoolsCodec:
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
-        self.handler.on_request_head(
-            RequestHead(
-                parser.get_method(),
-                self._url,
-                parser.get_http_version().encode(),
-                self._headers,
-                parser.should_keep_alive(),
-                parser.should_upgrade(),
+        try:
+            self.handler.on_request_head(
+                RequestHead(
+                    parser.get_method(),
+                    self._url,
+                    parser.get_http_version().encode(),
+                    self._headers,
+                    parser.should_keep_alive(),
+                    parser.should_upgrade(),
+                )
             )
-        )
+        except BaseException as exc:
+            raise self._raise(exc)
 
     def on_body(self, body: bytes) -> None:
-        self.handler.on_request_body(body)
+        try:
+            self.handler.on_request_body(body)
+        except BaseException as exc:
+            raise self._raise(exc)
 
     def on_message_complete(self) -> None:
         if not self._parser.should_keep_alive():
             self._finished = True
-        self.handler.on_request_end()
+        try:
+            self.handler.on_request_end()
+        except BaseException as exc:
+            raise self._raise(exc)
 
 
 # What llhttp refuses in a head and h11 lets through: control characters other than HTAB,

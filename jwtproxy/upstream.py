@@ -132,6 +132,7 @@ class UpstreamConnection(asyncio.Protocol):
         "reused",
         "sink",
         "_parser",
+        "_raised",
         "_reason",
         "_headers",
         "_content_length",
@@ -163,6 +164,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reused = False
         self.sink: ResponseSink | None = None
+        self._raised: BaseException | None = None  # what a parser callback raised (unwrap_callback_error)
         self._parser = httptools.HttpResponseParser(self)
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -239,10 +241,12 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except _HeadDone:
+            self._raised = None
             self._parser = httptools.HttpResponseParser(self)
             self._finish_response()
         except httptools.HttpParserCallbackError as exc:
-            inner = unwrap_callback_error(exc)
+            inner = unwrap_callback_error(exc, self._raised)
+            self._raised = None
             if not isinstance(inner, _HeadDone):
                 raise inner from None
             self._parser = httptools.HttpResponseParser(self)
@@ -304,13 +308,24 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunked = False
         self._close_delimited = not framed
         if self.sink is not None:
-            self.sink.on_response_head(status, reason, headers, keep_alive, content_length)
+            try:
+                self.sink.on_response_head(status, reason, headers, keep_alive, content_length)
+            except BaseException as exc:
+                raise self._raise(exc)
         if self._is_head:
-            raise _HeadDone()
+            raise self._raise(_HeadDone())
+
+    def _raise(self, error: BaseException) -> BaseException:
+        """Record what a parser callback is about to raise (see codec.unwrap_callback_error)."""
+        self._raised = error
+        return error
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None:
-            self.sink.on_response_body(body)
+            try:
+                self.sink.on_response_body(body)
+            except BaseException as exc:
+                raise self._raise(exc)
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -319,7 +334,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self._parser.get_status_code() == 101:
             return  # llhttp raises HttpParserUpgrade next; the tunnel takes over from there
         self._keep_alive = self._keep_alive and self._parser.should_keep_alive()
-        self._finish_response()
+        try:
+            self._finish_response()
+        except BaseException as exc:
+            raise self._raise(exc)
 
     # -- driving an exchange ---------------------------------------------------------------------
     def start(self, sink: ResponseSink, head: bytes, is_head: bool, response_timeout: float) -> None:
