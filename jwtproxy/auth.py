@@ -454,12 +454,12 @@ class AuthStage:
                 if failures is not None:
                     failures.record_failure(client, now)
                 return invalid_token(exc.reason, exc.description)
-            except UnknownKid as exc:
+            except UnknownKid as unknown:  # its own name: a compiled function types each name once
                 if refetched:
                     if failures is not None:
                         failures.record_failure(client, now)
                     return invalid_token("unknown_kid", "unknown key")
-                return Pending(self.refetch_unknown_kid(exc.issuer))
+                return Pending(self.refetch_unknown_kid(unknown.issuer))
             except KeysNotLoaded:
                 return KEYS_UNAVAILABLE
             self.cache.put(key, entry)

@@ -28,7 +28,7 @@ these rules, each header read independently:
   else the request's own target with ``path_prefix`` removed. The prefix is removed from the
   target as sent, before normalisation, because Envoy prepends it literally: the rest must be
   empty or start with ``/`` or ``?`` (``/authz`` + ``/api?x``), else the request is outside the
-  prefix (404, :class:`OutsidePrefix`).
+  prefix (404, :func:`outside_prefix`).
 * host: the authority of an absolute-form target (as on a traffic listener, RFC 9112 §3.2.2), else
   ``X-Forwarded-Host``, else ``Host``.
 
@@ -53,7 +53,7 @@ from typing import Final
 from jwtproxy.codec import RequestHead
 from jwtproxy.routing import BadRequest
 
-__all__ = ["OutsidePrefix", "original_request", "prefix_key"]
+__all__ = ["OUTSIDE_PREFIX", "original_request", "outside_prefix", "prefix_key"]
 
 _ORIGINAL_URI: Final = b"x-original-uri"
 _FORWARDED_URI: Final = b"x-forwarded-uri"
@@ -65,10 +65,15 @@ _DESCRIBING: Final = frozenset({_ORIGINAL_URI, _FORWARDED_URI, _ORIGINAL_METHOD,
 _METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")
 
 
-class OutsidePrefix(BadRequest):
-    """The request's own path is not under ``[authz] path_prefix``: it describes no request (404)."""
+OUTSIDE_PREFIX = "path outside the authz path_prefix"
 
-    status = 404
+
+def outside_prefix() -> BadRequest:
+    """The request's own path is not under ``[authz] path_prefix``: it describes no request (404).
+
+    A BadRequest with its own status rather than a subclass: BadRequest is compiled
+    (jwtproxy.compiled), and a compiled class does not take subclasses from plain Python."""
+    return BadRequest(OUTSIDE_PREFIX, 404)
 
 
 def prefix_key(path_prefix: str) -> bytes:
@@ -83,7 +88,7 @@ def original_request(head: RequestHead, key: bytes) -> tuple[bytes, bytes, bytes
     ``forwarded_host`` is the ``X-Forwarded-Host`` value, None when absent (the request's own
     ``Host`` then stands, as it does for the absolute-form authority of a target, which comes
     first). ``key`` comes from :func:`prefix_key`. Raises :class:`BadRequest` for a header present twice or empty, or a
-    method that is not a token or is ``CONNECT``; :class:`OutsidePrefix` for an own path outside
+    method that is not a token or is ``CONNECT``; :func:`outside_prefix` (404) for an own path outside
     the prefix.
     """
     original_uri = forwarded_uri = original_method = forwarded_method = forwarded_host = None
@@ -127,14 +132,14 @@ def original_request(head: RequestHead, key: bytes) -> tuple[bytes, bytes, bytes
         target = head.target
         if key:
             if not target.startswith(key):
-                raise OutsidePrefix("path outside the authz path_prefix")
+                raise outside_prefix()
             target = target[len(key) :]
             if not target:
                 target = b"/"
             elif target[0] == 0x3F:  # "?": the prefix itself, with a query
                 target = b"/" + target
             elif target[0] != 0x2F:  # "/authzX" is not under "/authz"
-                raise OutsidePrefix("path outside the authz path_prefix")
+                raise outside_prefix()
     return method, target, forwarded_host
 
 

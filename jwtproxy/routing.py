@@ -114,11 +114,12 @@ class BadRequest(Exception):
     class), safe to put into the 400 body and the access log.
     """
 
-    status = 400
-
-    def __init__(self, description: str) -> None:
+    def __init__(self, description: str, status: int = 400) -> None:
         super().__init__(description)
         self.description = description
+        # An instance attribute, not a class one: a compiled class (jwtproxy.compiled) does not
+        # show class attributes on its instances.
+        self.status = status
 
 
 # ---------------------------------------------------------------------------------------------

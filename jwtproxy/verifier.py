@@ -53,14 +53,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jwtproxy.jose import ParsedJWS, ParsedToken, TokenRejected, parse_compact
 from jwtproxy.keys import HMAC_ALGORITHMS, KeySet, SignatureVerifier, keyset_from_secret
 from jwtproxy.tokencache import Repeats
 
-if TYPE_CHECKING:
-    from jwtproxy.config import IssuerConfig
+# At run time, not only for type checking: the compiled module (jwtproxy.compiled) resolves the
+# annotations of its dataclasses when it is imported.
+from jwtproxy.config import IssuerConfig
 
 __all__ = [
     "IssuerVerifier",

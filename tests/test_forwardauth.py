@@ -20,7 +20,7 @@ from helpers import RunningGateway, SigningKey, parse_responses, raw_exchange
 
 from jwtproxy.codec import RequestHead
 from jwtproxy.keys import keyset_from_jwks
-from jwtproxy.forwardauth import OutsidePrefix, original_request, prefix_key
+from jwtproxy.forwardauth import OUTSIDE_PREFIX, original_request, prefix_key
 from jwtproxy.routing import BadRequest
 
 # -- which request is described (sans-I/O) ------------------------------------------------------
@@ -69,9 +69,10 @@ def test_the_prefix_is_ignored_when_a_header_names_the_uri() -> None:
 
 @pytest.mark.parametrize("target", [b"/other/api", b"/authzx/api", b"/auth"])
 def test_own_path_outside_the_prefix_is_404(target: bytes) -> None:
-    with pytest.raises(OutsidePrefix) as info:
+    with pytest.raises(BadRequest) as info:
         describe(head(b"GET", target), "/authz")
     assert info.value.status == 404
+    assert info.value.description == OUTSIDE_PREFIX
 
 
 def test_x_original_beats_x_forwarded() -> None:
