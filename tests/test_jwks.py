@@ -228,16 +228,22 @@ async def make() -> AsyncIterator[Factory]:
         await h.km.close()
 
 
-class RecordingVerifier(TokenVerifier):
-    """The real verifier, counting the key sets it is handed."""
+class RecordingVerifier:
+    """The real verifier, counting the key sets it is handed.
+
+    A wrapper, not a subclass: TokenVerifier may be compiled (jwtproxy.compiled), and compiled
+    classes take no subclasses from plain Python."""
 
     def __init__(self, issuers: Any) -> None:
-        super().__init__(issuers, max_bytes=8192)
+        self.real = TokenVerifier(issuers, max_bytes=8192)
         self.installed: list[tuple[str, KeySet]] = []
 
     def set_keyset(self, issuer_name: str, keyset: KeySet) -> bool:
         self.installed.append((issuer_name, keyset))
-        return super().set_keyset(issuer_name, keyset)
+        return self.real.set_keyset(issuer_name, keyset)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
     @property
     def calls(self) -> int:

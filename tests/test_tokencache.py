@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from jwtproxy.tokencache import TokenCache, cache_key
 
@@ -15,14 +16,26 @@ class Entry:
     leeway: float = 0.0
 
 
-class Cache(TokenCache[Entry]):
-    """The cache under test, addressed by token for brevity (the gateway passes cache_key())."""
+class Cache:
+    """The cache under test, addressed by token for brevity (the gateway passes cache_key()).
 
-    def put(self, key: bytes | str, entry: Entry) -> None:  # type: ignore[override]
-        super().put(cache_key(key) if isinstance(key, str) else key, entry)
+    A wrapper rather than a subclass: TokenCache may be compiled (jwtproxy.compiled), and a
+    compiled class takes no subclasses from plain Python."""
 
-    def get(self, key: bytes | str, now: float) -> Entry | None:  # type: ignore[override]
-        return super().get(cache_key(key) if isinstance(key, str) else key, now)
+    def __init__(self, size: int) -> None:
+        self.real: TokenCache[Entry] = TokenCache(size)
+
+    def put(self, key: bytes | str, entry: Entry) -> None:
+        self.real.put(cache_key(key) if isinstance(key, str) else key, entry)
+
+    def get(self, key: bytes | str, now: float) -> Entry | None:
+        return self.real.get(cache_key(key) if isinstance(key, str) else key, now)
+
+    def __len__(self) -> int:
+        return len(self.real)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
 def test_cache_key_is_the_sha256_of_the_token() -> None:
