@@ -68,7 +68,7 @@ from typing import Any, Callable, Coroutine, Iterable, Protocol
 
 from aiohttp import web
 
-from . import systemd
+from . import compiled, systemd
 from .accesslog import log_event
 from .admin import compute_readiness, make_admin_app
 from .assertion import AssertionKey, generate_key, jwks_json
@@ -296,7 +296,8 @@ class Supervisor:
                 return 1
             log_event("starting", pid=os.getpid(), workers=config.server.workers,
                       listen=[str(a) for a in config.server.listen],
-                      authz=[str(a) for a in config.authz.listen])
+                      authz=[str(a) for a in config.authz.listen],
+                      request_path=compiled.describe())
             self._generation = 1
             for worker_id in range(config.server.workers):
                 self._spawn(worker_id, self._generation, config)

@@ -13,7 +13,30 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import Backend, RunningGateway, SigningKey, base_config, write_jwks  # noqa: E402
 
+from jwtproxy import compiled  # noqa: E402
+
 CODECS = ["httptools", "h11"]
+
+# The request path's modules as this run imports them: compiled (mypyc) or pure Python
+# (JWTPROXY_PURE_PYTHON=1, or an install built without a compiler). .ci/run runs the suite both ways.
+COMPILED = compiled.compiled_modules()
+
+
+def pytest_report_header() -> str:
+    return f"jwtproxy request path: {compiled.describe()}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test that replaces a method of one of the request path's classes (monkeypatch, to inject a
+    # fault) can only do so where that class is a Python class; compiled classes are fixed. Such
+    # tests run in the pure-Python run of the suite and are skipped, with this reason, in the other.
+    if not COMPILED:
+        return
+    skip = pytest.mark.skip(reason="replaces a method of a compiled class: runs with JWTPROXY_PURE_PYTHON=1 "
+                                   "(.ci/run's pure-Python leg)")
+    for item in items:
+        if item.get_closest_marker("pure_python") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(params=CODECS)

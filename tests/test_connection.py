@@ -65,6 +65,7 @@ def boom(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("injected fault")
 
 
+@pytest.mark.pure_python
 async def test_upstream_closed_between_connect_and_start_is_answered_502(make_gateway, backend, monkeypatch,
                                                                         loop_errors, caplog):
     """The burst race: the new upstream connection is reset before the request is written to it."""
@@ -85,6 +86,7 @@ async def test_upstream_closed_between_connect_and_start_is_answered_502(make_ga
     assert backend.seen == []
 
 
+@pytest.mark.pure_python
 async def test_idle_upstream_closed_before_start_is_retried(make_gateway, backend, monkeypatch, loop_errors):
     """The same race on a pooled connection is the stale keep-alive case: retried once, then 200."""
     gw = await make_gateway(routes=OPEN_ROUTES)
@@ -105,6 +107,7 @@ async def test_idle_upstream_closed_before_start_is_retried(make_gateway, backen
     await settle_loop(loop_errors)
 
 
+@pytest.mark.pure_python
 async def test_fault_in_queued_begin_is_500_after_the_earlier_answer(make_gateway, backend, monkeypatch,
                                                                     loop_errors, caplog):
     gw = await make_gateway(routes=OPEN_ROUTES)
@@ -124,6 +127,7 @@ async def test_fault_in_queued_begin_is_500_after_the_earlier_answer(make_gatewa
     await settle_loop(loop_errors)
 
 
+@pytest.mark.pure_python
 @pytest.mark.parametrize("wire", [
     b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n",  # decided at its end
     b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",  # decided at its head
@@ -144,6 +148,7 @@ async def test_fault_while_deciding_the_first_request_is_500(make_gateway, backe
     assert backend.seen == []
 
 
+@pytest.mark.pure_python
 async def test_fault_in_connect_task_is_500(make_gateway, backend, monkeypatch, loop_errors, caplog):
     gw = await make_gateway(routes=OPEN_ROUTES)
     monkeypatch.setattr(ClientConnection, "_attach", boom)
@@ -154,6 +159,7 @@ async def test_fault_in_connect_task_is_500(make_gateway, backend, monkeypatch, 
     await settle_loop(loop_errors)
 
 
+@pytest.mark.pure_python
 async def test_fault_after_key_refetch_is_500(make_gateway, backend, monkeypatch, loop_errors, caplog):
     gw = await make_gateway(routes=AUTH_ROUTES)
     loop = asyncio.get_running_loop()
@@ -174,6 +180,7 @@ async def test_fault_after_key_refetch_is_500(make_gateway, backend, monkeypatch
     assert backend.seen == []
 
 
+@pytest.mark.pure_python
 @pytest.mark.parametrize("callback", ["on_response_head", "on_response_body", "on_response_end"])
 async def test_fault_in_upstream_callback_cuts_the_connection(make_gateway, backend, monkeypatch, loop_errors,
                                                               caplog, callback):
@@ -187,6 +194,7 @@ async def test_fault_in_upstream_callback_cuts_the_connection(make_gateway, back
     assert not gw.gateway.connections  # closed, not left hanging
 
 
+@pytest.mark.pure_python
 async def test_fault_while_handling_an_upstream_failure_is_500(make_gateway, monkeypatch, loop_errors, caplog):
     """The upstream times out and handling that raises: the client still gets an answer."""
     held: list[asyncio.StreamWriter] = []  # kept: a collected StreamWriter closes its socket (3.13)
@@ -368,6 +376,7 @@ async def test_no_timer_fires_while_a_request_is_answered_in_time(client):
     assert not transport.closed
 
 
+@pytest.mark.pure_python
 async def test_pipelined_requests_are_answered_in_order_with_reading_paused_meanwhile(client, monkeypatch):
     """The first request waits for an upstream connection; the ones behind it wait their turn."""
     from jwtproxy.upstream import UpstreamError
@@ -412,6 +421,7 @@ async def test_refused_upgrade_closes_the_connection(client):
     assert transport.closed
 
 
+@pytest.mark.pure_python
 async def test_draining_connection_says_close_on_its_last_answer(client, monkeypatch):
     from jwtproxy.upstream import UpstreamError
 

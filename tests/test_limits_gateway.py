@@ -98,6 +98,7 @@ async def test_routes_without_a_limit_are_unaffected(gw: Any, backend: Any, rsa_
     assert {(await call(gw.port, get("/plain", token)))[0] for _ in range(20)} == {200}
 
 
+@pytest.mark.pure_python  # freezes jwtproxy.connection's clock
 async def test_failure_budget_refuses_uncached_tokens_and_lets_cached_ones_pass(
         make_gateway: Any, backend: Any, rsa_key: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # One fixed instant: every failure lands in the same one-second window.
