@@ -44,7 +44,24 @@ def _compiler_missing() -> str | None:
     return None
 
 
+def _remove_stale_extensions() -> None:
+    """Not compiling: remove this interpreter's extensions of the hot modules left in the tree by
+    an earlier editable build, which would otherwise shadow the sources being installed."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    for name in _hot_modules():
+        for suffix in EXTENSION_SUFFIXES:
+            (HERE / "jwtproxy" / f"{name}{suffix}").unlink(missing_ok=True)
+
+
 def _extensions() -> list:
+    found = _compiled_extensions()
+    if not found:
+        _remove_stale_extensions()
+    return found
+
+
+def _compiled_extensions() -> list:
     if os.environ.get("JWTPROXY_PURE_PYTHON", "") not in ("", "0"):
         _say("JWTPROXY_PURE_PYTHON is set: installing the pure-Python modules only")
         return []
@@ -58,10 +75,13 @@ def _extensions() -> list:
         _say("mypyc is not available: installing the pure-Python modules only (slower request path)")
         return []
     paths = [f"jwtproxy/{name}.py" for name in _hot_modules()]
-    # The build environment has mypy but not jwtproxy's dependencies: their types are Any here,
-    # which costs nothing, as calls into them are generic calls either way.
+    # Third-party packages are never read (--no-site-packages): their types are Any, whether or
+    # not the build environment happens to have them installed, so every build compiles the same
+    # code. That costs nothing (calls into them are generic calls either way) and keeps mypyc from
+    # checking their values against their annotations at run time (h11 annotates as bytes what is
+    # a bytearray).
     try:
-        return mypycify(["--ignore-missing-imports", *paths], opt_level="3")
+        return mypycify(["--no-site-packages", "--ignore-missing-imports", *paths], opt_level="3")
     except (Exception, SystemExit) as exc:  # mypyc reports type errors by exiting
         _say(f"mypyc could not compile the request path ({exc!r}): installing pure Python only")
         return []

@@ -61,7 +61,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeAlias
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -93,7 +93,8 @@ GATEWAY_CLAIMS: Final[frozenset[str]] = frozenset({"iss", "aud", "iat", "exp", "
 # (with a little clock skew and its own processing time) never receives one that is about to expire.
 REUSE_MARGIN: Final = 5.0
 
-PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+# An explicit alias: also a valid type where the build reads cryptography as Any (setup.py).
+PrivateKey: TypeAlias = "ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey"
 _ES256 = ec.ECDSA(hashes.SHA256())
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
