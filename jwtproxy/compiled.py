@@ -12,6 +12,8 @@ pure-Python modules and says so; so does ``JWTPROXY_PURE_PYTHON=1`` at build tim
 At run time ``JWTPROXY_PURE_PYTHON=1`` selects the pure-Python modules even when compiled ones
 are installed: :func:`select` (called by the package's ``__init__``, before any of these modules
 is imported) puts a finder first on ``sys.meta_path`` that loads each of them from its ``.py``.
+It does the same when a module's source is newer than its extension (edited after an editable
+install built it), so an edit always takes effect.
 The test suite runs on both (``.ci/run``), and the daemon says once at start which it runs
 (:func:`describe`).
 
@@ -51,6 +53,11 @@ HOT_MODULES: tuple[str, ...] = (
 
 PURE_ENV = "JWTPROXY_PURE_PYTHON"
 PACKAGE = "jwtproxy"
+# A source this much newer than its extension was edited after the build (an installer writes
+# both within a second or two).
+STALE_AFTER = 2.0
+
+_stale: list[str] = []  # set by select(): hot modules whose extension is older than its source
 
 
 def pure_requested(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
@@ -76,12 +83,35 @@ class PurePythonFinder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, source)
 
 
+def stale_extensions(package_dir: str) -> list[str]:
+    """Hot modules whose compiled extension is older than their source: edited since the build
+    (an editable install builds in place), so the extension would run code that is not there."""
+    stale = []
+    for name in HOT_MODULES:
+        try:
+            source = os.stat(os.path.join(package_dir, name + ".py")).st_mtime
+        except OSError:
+            continue
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            try:
+                built = os.stat(os.path.join(package_dir, name + suffix)).st_mtime
+            except OSError:
+                continue
+            if source > built + STALE_AFTER:
+                stale.append(name)
+            break
+    return stale
+
+
 def select(package_dir: str) -> None:
-    """Install the pure-Python finder when ``JWTPROXY_PURE_PYTHON`` asks for it (idempotent)."""
-    if not pure_requested():
-        return
+    """Install the pure-Python finder when ``JWTPROXY_PURE_PYTHON`` asks for it, or when a compiled
+    module is older than its source: then all of them run from source (idempotent)."""
     if any(isinstance(finder, PurePythonFinder) for finder in sys.meta_path):
         return
+    if not pure_requested():
+        _stale[:] = stale_extensions(package_dir)
+        if not _stale:
+            return
     sys.meta_path.insert(0, PurePythonFinder(package_dir))
 
 
@@ -110,4 +140,7 @@ def describe() -> str:
         return f"partly compiled ({len(compiled)} of {len(HOT_MODULES)} modules: {', '.join(compiled)})"
     if pure_requested():
         return f"pure Python ({PURE_ENV} is set)"
+    if _stale:
+        return (f"pure Python (compiled modules older than their source: {', '.join(_stale)}; "
+                "rebuild with pip install -e .)")
     return "pure Python (this install has no compiled modules: built without a C compiler or mypyc)"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,40 @@ def test_compiled_and_pure_answer_alike() -> None:
         print("\\n".join(out))
         """
     assert run_python(code) == run_python(code, JWTPROXY_PURE_PYTHON="1")
+
+
+def test_a_source_edited_after_the_build_runs_from_source(tmp_path: Path) -> None:
+    # An editable install builds its extensions in place; a module edited afterwards must not be
+    # shadowed by the older extension, so every hot module then runs from source, and it is said.
+    package = tmp_path / "jwtproxy"
+    shutil.copytree(PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    code = """
+        from jwtproxy import compiled
+        import jwtproxy.connection as connection
+        print(connection.__file__)
+        print(compiled.describe())
+        """
+    environ = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    edited = package / "connection.py"
+    extension = [p for p in package.glob("connection.*") if p.suffix == ".so"]
+    for ext in extension:
+        os.utime(ext, (1_000_000_000, 1_000_000_000))  # built long before the edit below
+    os.utime(edited, None)
+    out = run_python(code, **environ)
+    if not extension:
+        assert out.strip().splitlines()[0].endswith("connection.py")
+        return
+    module_file, described = out.strip().splitlines()
+    assert module_file == str(edited)
+    assert described.startswith("pure Python (compiled modules older than their source: connection")
+
+
+def test_stale_extensions_compares_each_source_with_its_extension(tmp_path: Path) -> None:
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in ("codec", "routing"):
+        (tmp_path / f"{name}.py").write_text("")
+        (tmp_path / f"{name}{suffix}").write_bytes(b"")
+    os.utime(tmp_path / f"routing{suffix}", (1_000_000_000, 1_000_000_000))
+    os.utime(tmp_path / f"codec{suffix}", None)
+    os.utime(tmp_path / "codec.py", (time.time() - 1, time.time() - 1))  # within STALE_AFTER
+    assert compiled.stale_extensions(str(tmp_path)) == ["routing"]
