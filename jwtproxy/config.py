@@ -1636,6 +1636,13 @@ def _parse_assertion(
     )
 
 
+def _check_redis_url(t: _Table, redis_url: str) -> None:
+    """One rule for every ``redis_url`` key ([revocation], [limits])."""
+    if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        # Do not echo the value: it may carry a password.
+        t.fail("redis_url", "expected a redis://, rediss:// or unix:// URL")
+
+
 def _parse_revocation(p: _Problems, t: _Table | None) -> RevocationConfig | None:
     if t is None:
         return None
@@ -1650,9 +1657,8 @@ def _parse_revocation(p: _Problems, t: _Table | None) -> RevocationConfig | None
         if not redis_url:
             if backend == "redis":
                 t.fail("redis_url", 'must not be empty with backend = "redis"')
-        elif not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            # Do not echo the value: it may carry a password.
-            t.fail("redis_url", "expected a redis://, rediss:// or unix:// URL")
+        else:
+            _check_redis_url(t, redis_url)
     if len(p.items) != n:
         return None
     return RevocationConfig(backend=backend, sqlite_path=sqlite_path, redis_url=redis_url)
@@ -1700,8 +1706,8 @@ def _parse_limits(p: _Problems, t: _Table | None, revocation: RevocationConfig |
     d = _D_LIMITS
     backend = t.choice("backend", d.backend, ("local", "redis"))
     redis_url = t.secret("redis_url", d.redis_url)
-    if t.ok("redis_url") and redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        t.fail("redis_url", "expected a redis://, rediss:// or unix:// URL")  # not echoed: may hold a password
+    if t.ok("redis_url") and redis_url:
+        _check_redis_url(t, redis_url)
     if not redis_url and revocation is not None:
         redis_url = revocation.redis_url
     if t.ok("backend", "redis_url") and backend == "redis" and not redis_url and revocation is not None:
