@@ -628,3 +628,29 @@ async def until_status(conn: Conn, token: str, want: int, t0: float, timeout: fl
             raise AssertionError(
                 f"{conn.daemon.name} worker {conn.pid}: still {status} after {timeout} s (wanted {want})")
         await asyncio.sleep(0.002)
+
+
+class DaemonStarter:
+    """Starts daemons of the test issuer on fresh ports in front of ``backend_port`` (a test
+    fixture yields one and calls :meth:`kill_all` after the test); ``defaults`` are settings of
+    every daemon it starts, a call's own settings override them."""
+
+    def __init__(self, tmp: Path, backend_port: int, jwks_path: str, **defaults: Any) -> None:
+        self.tmp = tmp
+        self.defaults: dict[str, Any] = dict(backend_port=backend_port, jwks_file=jwks_path, tmp=tmp,
+                                             issuer=ISSUER, audience=AUDIENCE, **defaults)
+        self.started: list[Daemon] = []
+
+    async def __call__(self, *, wait: bool = True, env: dict[str, str] | None = None,
+                       open_files: int | None = None, **settings: Any) -> Daemon:
+        full: dict[str, Any] = dict(listen_port=free_port(), admin_port=free_port(), **self.defaults)
+        full.update(settings)
+        daemon = Daemon(self.tmp, full, env=env, name=f"daemon{len(self.started)}", open_files=open_files)
+        self.started.append(daemon)
+        if wait:
+            await daemon.wait_ready()
+        return daemon
+
+    def kill_all(self) -> None:
+        for daemon in self.started:
+            daemon.kill()

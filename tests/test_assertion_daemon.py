@@ -25,7 +25,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from daemon_harness import ADMIN_TOKEN, Daemon, Reply, free_port, http, worker_of
+from daemon_harness import ADMIN_TOKEN, Daemon, DaemonStarter, Reply, free_port, http, worker_of
 from helpers import AUDIENCE, ISSUER, Backend, SigningKey
 from jwtproxy.headerpolicy import header_key
 from tls_backend import TLSBackend
@@ -39,21 +39,9 @@ SPELLINGS = {"X-JWTProxy-Assertion": "forged", "x_jwtproxy_assertion": "forged",
 
 @pytest.fixture
 async def start_daemon(tmp_path: Path, backend: Backend, jwks_path: str) -> AsyncIterator[Any]:
-    started: list[Daemon] = []
-
-    async def start(**settings: Any) -> Daemon:
-        full: dict[str, Any] = dict(listen_port=free_port(), admin_port=free_port(), backend_port=backend.port,
-                                    jwks_file=jwks_path, tmp=tmp_path, issuer=ISSUER, audience=AUDIENCE,
-                                    admin_token=ADMIN_TOKEN)
-        full.update(settings)
-        daemon = Daemon(tmp_path, full, name=f"daemon{len(started)}")
-        started.append(daemon)
-        await daemon.wait_ready()
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.kill()
+    starter = DaemonStarter(tmp_path, backend.port, jwks_path, admin_token=ADMIN_TOKEN)
+    yield starter
+    starter.kill_all()
 
 
 def _assertions(reply: Reply) -> list[str]:

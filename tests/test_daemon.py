@@ -34,6 +34,7 @@ import trustme
 from daemon_harness import (
     REPO_ROOT,
     Daemon,
+    DaemonStarter,
     Reply,
     child_pids,
     free_port,
@@ -58,21 +59,9 @@ auth = "off"
 
 @pytest.fixture
 async def start_daemon(tmp_path: Path, backend: Backend, jwks_path: str) -> AsyncIterator[Any]:
-    started: list[Daemon] = []
-
-    async def start(*, wait: bool = True, env: dict[str, str] | None = None, **settings: Any) -> Daemon:
-        full: dict[str, Any] = dict(listen_port=free_port(), admin_port=free_port(), backend_port=backend.port,
-                                    jwks_file=jwks_path, tmp=tmp_path, issuer=ISSUER, audience=AUDIENCE)
-        full.update(settings)
-        daemon = Daemon(tmp_path, full, env=env, name=f"daemon{len(started)}")
-        started.append(daemon)
-        if wait:
-            await daemon.wait_ready()
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.kill()
+    starter = DaemonStarter(tmp_path, backend.port, jwks_path)
+    yield starter
+    starter.kill_all()
 
 
 async def many(count: int, method: str, url: str, concurrency: int = 16, **kwargs: Any) -> list[Reply]:

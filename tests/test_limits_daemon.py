@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
-from daemon_harness import Daemon, free_port, http, redis_section, worker_of
+from daemon_harness import Daemon, DaemonStarter, free_port, http, redis_section, worker_of
 from helpers import AUDIENCE, ISSUER, Backend, SigningKey
 from redis_server import RedisServer, redis_server  # noqa: F401  (fixture)
 
@@ -58,21 +58,9 @@ def report(label: str, **figures: Any) -> None:
 
 @pytest.fixture
 async def start_daemon(tmp_path: Path, backend: Backend, jwks_path: str) -> AsyncIterator[Any]:
-    started: list[Daemon] = []
-
-    async def start(*, wait: bool = True, open_files: int | None = None, **settings: Any) -> Daemon:
-        full: dict[str, Any] = dict(listen_port=free_port(), admin_port=free_port(), backend_port=backend.port,
-                                    jwks_file=jwks_path, tmp=tmp_path, issuer=ISSUER, audience=AUDIENCE)
-        full.update(settings)
-        daemon = Daemon(tmp_path, full, name=f"daemon{len(started)}", open_files=open_files)
-        started.append(daemon)
-        if wait:
-            await daemon.wait_ready()
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.kill()
+    starter = DaemonStarter(tmp_path, backend.port, jwks_path)
+    yield starter
+    starter.kill_all()
 
 
 async def metric_value(daemon: Daemon, name: str, above: float | None = 0.0, timeout: float = 5.0) -> float:
