@@ -449,11 +449,9 @@ class AuthStage:
                     return Deny(429, "too many failed token verifications from this address",
                                 "failure_budget", error="rate_limited", headers=failures.failure_headers(wait))
             try:
-                entry = self._verify(token, key, now, rules)
-            except TokenRejected as exc:
-                if failures is not None:
-                    failures.record_failure(client, now)
-                return invalid_token(exc.reason, exc.description)
+                found = self._verify(token, key, now, rules)
+            except TokenRejected as exc:  # raised by cached_token (claims that cannot be headers)
+                found = exc
             except UnknownKid as unknown:  # its own name: a compiled function types each name once
                 if refetched:
                     if failures is not None:
@@ -462,14 +460,21 @@ class AuthStage:
                 return Pending(self.refetch_unknown_kid(unknown.issuer))
             except KeysNotLoaded:
                 return KEYS_UNAVAILABLE
+            if isinstance(found, TokenRejected):
+                if failures is not None:
+                    failures.record_failure(client, now)
+                return invalid_token(found.reason, found.description)
+            entry = found
             self.cache.put(key, entry)
         elif self.on_cache is not None:
             self.on_cache("hit")  # the cache returns only entries that have not expired
         return self._route_checks(rules, entry, now, token, presented)
 
-    def _verify(self, token: str, key: bytes, now: float, rules: RouteRules) -> CachedToken:
+    def _verify(self, token: str, key: bytes, now: float, rules: RouteRules) -> CachedToken | TokenRejected:
         # The audience's membership is a route rule (see the module docstring).
-        verified: Verified = self.verifier.verify(token, now, rules.issuers, defer_audience=True)
+        verified = self.verifier.verdict(token, now, rules.issuers, defer_audience=True)
+        if isinstance(verified, TokenRejected):
+            return verified
         return cached_token(verified, key, self.claims_to_headers)
 
     def _introspector_for(self, rules: RouteRules) -> Introspector[CachedToken] | None:

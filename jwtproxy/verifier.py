@@ -3,7 +3,12 @@
 Theory of operation
 -------------------
 :meth:`TokenVerifier.verify` runs a fixed pipeline and the first failed step raises; nothing
-after a failure runs, and nothing returns a verdict without passing every step (fail closed):
+after a failure runs, and nothing returns a verdict without passing every step (fail closed).
+Each raising function has a ``*_verdict``/``verdict`` twin that returns the
+:class:`TokenRejected` instead; the gateway calls those. Forged and expired tokens are the
+common rejections, and in the compiled build an exception raised through a chain of compiled
+functions costs a traceback entry (a code and a frame object) per function, about a tenth of a
+rejected request's Python work: the twins hand the rejection up as a value.
 
 ====  =====================================================  ==================================
 step  check                                                  rejection ``reason``
@@ -72,6 +77,7 @@ __all__ = [
     "Verified",
     "check_signature",
     "normalise_typ",
+    "signature_verdict",
 ]
 
 
@@ -133,25 +139,25 @@ def _empty(value: Any) -> bool:
     return value is None or (isinstance(value, (str, list, dict)) and not value)
 
 
-def check_signature(
+def signature_verdict(
     jws: ParsedJWS | ParsedToken,
     keys: KeySet | None,
     secret_keys: KeySet | None,
     allowed_algs: Collection[str],
     issuer_name: str,
     refetchable: bool = True,
-) -> SignatureVerifier:
+) -> SignatureVerifier | TokenRejected:
     """Steps 3, 5 and 6 of the pipeline: the signature layer, on any payload.
 
     ``keys`` are the issuer's JWKS keys (None: never loaded), ``secret_keys`` its HMAC keys.
     ``refetchable`` False (no JWKS source) turns an unknown ``kid`` into ``no_matching_key``.
-    Returns the verifier that accepted the signature; raises :class:`TokenRejected`,
-    :class:`UnknownKid` or :class:`KeysNotLoaded`.
+    Returns the verifier that accepted the signature, or the rejection (returned, see the module
+    docstring); raises :class:`UnknownKid` or :class:`KeysNotLoaded`.
     """
     header = jws.header
     alg = header["alg"]  # a non-empty str: jose checked it
     if alg not in allowed_algs or alg.lower() == "none":
-        raise TokenRejected("alg_not_allowed", "algorithm not allowed")
+        return TokenRejected("alg_not_allowed", "algorithm not allowed")
     candidates: list[SignatureVerifier] | None
     if alg in HMAC_ALGORITHMS:
         # The secret is not a JWK and has no kid: a token kid does not select among HMAC keys.
@@ -169,12 +175,27 @@ def check_signature(
                     raise UnknownKid(issuer_name, kid)
                 candidates = []
     if not candidates:
-        raise TokenRejected("no_matching_key", "no key for this algorithm")
+        return TokenRejected("no_matching_key", "no key for this algorithm")
     signing_input, signature = jws.signing_input, jws.signature
     for candidate in candidates:
         if candidate.verify(signing_input, signature):
             return candidate
-    raise TokenRejected("bad_signature", "signature verification failed")
+    return TokenRejected("bad_signature", "signature verification failed")
+
+
+def check_signature(
+    jws: ParsedJWS | ParsedToken,
+    keys: KeySet | None,
+    secret_keys: KeySet | None,
+    allowed_algs: Collection[str],
+    issuer_name: str,
+    refetchable: bool = True,
+) -> SignatureVerifier:
+    """:func:`signature_verdict` that raises its rejection."""
+    found = signature_verdict(jws, keys, secret_keys, allowed_algs, issuer_name, refetchable)
+    if isinstance(found, TokenRejected):
+        raise found
+    return found
 
 
 class IssuerVerifier:
@@ -205,16 +226,26 @@ class IssuerVerifier:
 
     def verify(self, token: ParsedToken, now: float, defer_audience: bool = False) -> Verified:
         """Steps 3-7 for a token whose ``iss`` is this issuer (``defer_audience``: see
-        :meth:`TokenVerifier.verify`)."""
+        :meth:`TokenVerifier.verify`). Raises :class:`TokenRejected` (and see
+        :func:`signature_verdict`)."""
+        found = self.verdict(token, now, defer_audience)
+        if isinstance(found, TokenRejected):
+            raise found
+        return found
+
+    def verdict(self, token: ParsedToken, now: float, defer_audience: bool = False) -> Verified | TokenRejected:
+        """:meth:`verify` that returns its rejection."""
         if token.header["alg"] not in self.algs:
-            raise TokenRejected("alg_not_allowed", "algorithm not allowed")
+            return TokenRejected("alg_not_allowed", "algorithm not allowed")
         typs = self.typs
         if typs is not None:
             typ = token.header.get("typ")
             if typ is None or normalise_typ(typ) not in typs:
-                raise TokenRejected("bad_typ", "token type not allowed")
-        check_signature(token, self.keys, self.secret_keys, self.algs, self.name, self.fetches_keys)
-        return self.check_claims(token.payload, now, audiences=None if defer_audience else self.audiences)
+                return TokenRejected("bad_typ", "token type not allowed")
+        found = signature_verdict(token, self.keys, self.secret_keys, self.algs, self.name, self.fetches_keys)
+        if isinstance(found, TokenRejected):
+            return found
+        return self.claims_verdict(token.payload, now, None if defer_audience else self.audiences, True)
 
     def check_claims(
         self,
@@ -231,64 +262,73 @@ class IssuerVerifier:
         (the claim's shape is still checked, its values are in :attr:`Verified.audience`).
         ``audience_required`` False lets a token without the audience claim pass.
         """
+        found = self.claims_verdict(claims, now, audiences, audience_required)
+        if isinstance(found, TokenRejected):
+            raise found
+        return found
+
+    def claims_verdict(
+        self, claims: dict[str, Any], now: float, audiences: frozenset[str] | None, audience_required: bool
+    ) -> Verified | TokenRejected:
+        """:meth:`check_claims` that returns its rejection."""
         leeway = self.leeway
         if "exp" not in claims:
-            raise TokenRejected("missing_claim", "required claim missing: exp")
+            return TokenRejected("missing_claim", "required claim missing: exp")
         exp = _number(claims["exp"])
         if exp is None:
-            raise TokenRejected("bad_claim", "exp claim is not a number")
+            return TokenRejected("bad_claim", "exp claim is not a number")
         if not now < exp + leeway:
-            raise TokenRejected("expired", "token expired")
+            return TokenRejected("expired", "token expired")
         if "nbf" in claims:
             nbf = _number(claims["nbf"])
             if nbf is None:
-                raise TokenRejected("bad_claim", "nbf claim is not a number")
+                return TokenRejected("bad_claim", "nbf claim is not a number")
             if nbf > now + leeway:
-                raise TokenRejected("not_yet_valid", "token not yet valid")
+                return TokenRejected("not_yet_valid", "token not yet valid")
         iat: float | None = None
         if "iat" in claims:
             iat = _number(claims["iat"])
             if iat is None:
-                raise TokenRejected("bad_claim", "iat claim is not a number")
+                return TokenRejected("bad_claim", "iat claim is not a number")
             if iat > now + leeway:
-                raise TokenRejected("issued_in_future", "token issued in the future")
+                return TokenRejected("issued_in_future", "token issued in the future")
         if self.max_lifetime > 0:
             if iat is None:
-                raise TokenRejected("missing_claim", "required claim missing: iat")
+                return TokenRejected("missing_claim", "required claim missing: iat")
             if exp - iat > self.max_lifetime:
-                raise TokenRejected("lifetime_exceeded", "token lifetime exceeds the allowed maximum")
+                return TokenRejected("lifetime_exceeded", "token lifetime exceeds the allowed maximum")
         # The claim name comes from the configuration, never from the token.
         aud_claim = self.aud_claim
         aud = claims.get(aud_claim)
         audience: frozenset[str] | None
         if aud is None:
             if audience_required:
-                raise TokenRejected("missing_claim", f"required claim missing: {aud_claim}")
+                return TokenRejected("missing_claim", f"required claim missing: {aud_claim}")
             if aud_claim in claims:  # JSON null is a malformed audience, not an absent one
-                raise TokenRejected("bad_claim", f"{aud_claim} claim is not a string or array of strings")
+                return TokenRejected("bad_claim", f"{aud_claim} claim is not a string or array of strings")
             audience = None
         elif isinstance(aud, str):
             audience = AUDIENCE_SETS.lookup("aud", aud) or AUDIENCE_SETS.remember("aud", aud, frozenset((aud,)))
         elif isinstance(aud, list):
             if not all(isinstance(a, str) for a in aud):
-                raise TokenRejected("bad_claim", f"{aud_claim} claim is not a string or array of strings")
+                return TokenRejected("bad_claim", f"{aud_claim} claim is not a string or array of strings")
             key = tuple(aud)
             audience = AUDIENCE_SETS.lookup("auds", key) or AUDIENCE_SETS.remember("auds", key, frozenset(aud))
         else:
-            raise TokenRejected("bad_claim", f"{aud_claim} claim is not a string or array of strings")
+            return TokenRejected("bad_claim", f"{aud_claim} claim is not a string or array of strings")
         if audiences is not None and audience is not None and audiences.isdisjoint(audience):
-            raise TokenRejected("audience_not_allowed", "audience not allowed")
+            return TokenRejected("audience_not_allowed", "audience not allowed")
         # "Present" includes JSON null: {"sub": null} is a malformed subject, not a missing one.
         sub = claims.get("sub")
         if "sub" in claims and (not isinstance(sub, str) or not sub):
-            raise TokenRejected("bad_claim", "sub claim is not a non-empty string")
+            return TokenRejected("bad_claim", "sub claim is not a non-empty string")
         jti = claims.get("jti")
         if "jti" in claims and (not isinstance(jti, str) or not jti):
-            raise TokenRejected("bad_claim", "jti claim is not a non-empty string")
+            return TokenRejected("bad_claim", "jti claim is not a non-empty string")
         for name in self.required:
             if _empty(claims.get(name)):
                 # The claim name comes from the configuration, not from the token.
-                raise TokenRejected("missing_claim", f"required claim missing: {name}")
+                return TokenRejected("missing_claim", f"required claim missing: {name}")
         return Verified(self.issuer, claims, exp, iat, sub, jti, audience)
 
 
@@ -347,12 +387,25 @@ class TokenVerifier:
 
         Raises :class:`TokenRejected`, :class:`UnknownKid` or :class:`KeysNotLoaded`.
         """
-        parsed = parse_compact(token, self.max_bytes)
+        found = self.verdict(token, now, allowed_issuers, defer_audience=defer_audience)
+        if isinstance(found, TokenRejected):
+            raise found
+        return found
+
+    def verdict(
+        self, token: str, now: float, allowed_issuers: Collection[str] | None = None, *, defer_audience: bool = False
+    ) -> Verified | TokenRejected:
+        """:meth:`verify` that returns its rejection (the gateway's call: see the module docstring)."""
+        try:
+            parsed = parse_compact(token, self.max_bytes)
+        except TokenRejected as malformed:
+            return malformed.with_traceback(None)
         iss = parsed.payload.get("iss")
         iv = self._by_iss.get(iss) if isinstance(iss, str) else None
         if iv is None or (allowed_issuers is not None and iv.name not in allowed_issuers):
-            raise TokenRejected("issuer_not_allowed", "issuer not allowed")
-        verified = iv.verify(parsed, now, defer_audience)
-        # Verified claims are kept (token cache): their repeated values (iss, aud, ...) as one object.
-        CLAIM_VALUES.share_strings(verified.claims)
-        return verified
+            return TokenRejected("issuer_not_allowed", "issuer not allowed")
+        found = iv.verdict(parsed, now, defer_audience)
+        if isinstance(found, Verified):
+            # Verified claims are kept (token cache): their repeated values (iss, aud, ...) as one object.
+            CLAIM_VALUES.share_strings(found.claims)
+        return found
