@@ -7,8 +7,9 @@ Theory of operation
 * :class:`Allow` – forward, with these identity headers;
 * :class:`Deny` – answer this status and RFC 6750 error now;
 * :class:`Pending` – the token names a key we do not have: await ``Pending.wait`` (one shared
-  JWKS refetch, rate-limited by ``jwks_cooldown``) and call again once.
-
+  JWKS refetch, rate-limited by ``jwks_cooldown``) and call again once;
+* :data:`DEFERRED` – the token is not in the cache and this event-loop turn's verifications
+  are spent (:mod:`jwtproxy.turns`): wait for a slot and call again, nothing decided yet;
 * :class:`CheckReplay` – everything passed, including a DPoP proof, and the proof's ``jti`` is
   recorded on this host; the shell must still record it across nodes (Redis) before forwarding
   ``CheckReplay.allow`` (only when a cross-node guard is configured).
@@ -68,6 +69,7 @@ from jwtproxy.responses import www_authenticate, www_authenticate_dpop
 from jwtproxy.revocation import IsRevoked
 from jwtproxy.sharedtable import SharedTable
 from jwtproxy.tokencache import TokenCache, cache_key
+from jwtproxy.turns import VerificationTurns
 from jwtproxy.verifier import KeysNotLoaded, TokenVerifier, UnknownKid, Verified
 
 __all__ = [
@@ -77,6 +79,8 @@ __all__ = [
     "AuthStage",
     "CachedToken",
     "CheckReplay",
+    "DEFERRED",
+    "Deferred",
     "Deny",
     "Pending",
     "RouteRules",
@@ -185,6 +189,17 @@ class Pending:
 
     def __init__(self, wait: asyncio.Future[Any]) -> None:
         self.wait = wait
+
+
+class Deferred:
+    """The token needs signature work and this event-loop turn's share is spent: wait for a slot
+    (:class:`jwtproxy.turns.VerificationTurns`), then ask again."""
+
+    __slots__ = ()
+
+
+#: The one :class:`Deferred`.
+DEFERRED: Final = Deferred()
 
 
 class CheckReplay:
@@ -391,19 +406,22 @@ class AuthStage:
         remote_replay: bool = False,
         introspectors: Mapping[str, Introspector[CachedToken]] | None = None,
         failures: FailureGate | None = None,
+        turns: VerificationTurns | None = None,
     ) -> None:
         """``proofs``: the DPoP proof checker (default: one with a nonce secret of its own, right
         for a single process). ``host_replay``: the host-wide jti guard (default: a table of this
         process only). ``remote_replay``: the shell also records jtis across nodes
         (:class:`CheckReplay` is returned instead of :class:`Allow` after a DPoP proof).
         ``introspectors``: issuer name -> RFC 7662 client, for issuers with an
-        ``introspection_endpoint``."""
+        ``introspection_endpoint``. ``turns``: the worker's per-turn verification budget (None:
+        every verification at once, as a caller outside an event loop needs)."""
         self.verifier = verifier
         self.cache = cache
         self.is_revoked = is_revoked
         self.refetch_unknown_kid = refetch_unknown_kid
         self.on_cache = on_cache
         self.failures = failures
+        self.turns = turns
         self.max_bytes = config.token.max_bytes
         self.claims_to_headers = config.claims_to_headers
         self.proofs = proofs if proofs is not None else ProofChecker(NonceIssuer(os.urandom(32)))
@@ -425,7 +443,7 @@ class AuthStage:
         refetched: bool = False,
         presented: Presentation = BEARER,
         client: str = "",
-    ) -> Allow | Deny | Pending | CheckReplay:
+    ) -> Allow | Deny | Pending | CheckReplay | Deferred:
         """Decide one request (module docstring). ``presented``: the request's proof of possession
         (its ``Authorization`` scheme, ``DPoP`` headers, URI, client certificate). ``client``: the
         client address the failure budget counts against."""
@@ -440,6 +458,9 @@ class AuthStage:
         key = cache_key(token)
         entry = self.cache.get(key, now)
         if entry is None:
+            turns = self.turns
+            if turns is not None and not turns.take():
+                return DEFERRED  # cached tokens first: see jwtproxy.turns
             if self.on_cache is not None:
                 self.on_cache("miss")
             failures = self.failures

@@ -37,6 +37,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Coroutine
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from jwtproxy.auth import (
@@ -45,6 +46,7 @@ from jwtproxy.auth import (
     Allow,
     AmbiguousToken,
     CheckReplay,
+    Deferred,
     Deny,
     MalformedAuthorization,
     Pending,
@@ -67,6 +69,7 @@ from jwtproxy.lifecycle import (
     ATTACH,
     CLOSE_AFTER,
     CONNECT,
+    DECIDING,
     DEFER,
     DONE,
     DROP,
@@ -570,7 +573,8 @@ class ClientConnection(asyncio.Protocol):
         and preflights), the rate limit keyed by a claim (it needs the verified claims), then
         forwarding. A step that has to wait (keys to refetch, a proof's jti to record on Redis, a
         rate-limit decision on Redis) parks the exchange in ``DECIDING`` and a task calls back
-        here with the next step.
+        here with the next step; so does a token that needs a signature verification once this
+        loop turn's verifications are spent, without a task (:mod:`jwtproxy.turns`).
         """
         gw = self.gw
         policy = runtime.rate_limit
@@ -589,6 +593,14 @@ class ClientConnection(asyncio.Protocol):
             decision = authorize(*arguments) if ex.trace is None else ex.trace.verify(authorize, *arguments)
             if isinstance(decision, Deny):
                 self._deny(ex, decision)
+                return
+            if isinstance(decision, Deferred):
+                turns = gw.auth.turns
+                assert turns is not None  # only a stage with turns defers
+                ex.state = advance(ex.state, DEFER)
+                # Reading goes on (unlike _park): the wait is a few loop turns, a body is bounded
+                # by on_request_body's own pause, and a client that resets is noticed and skipped.
+                turns.wait(partial(self._after_turn, ex, runtime, token, presented, step))
                 return
             if isinstance(decision, Pending):
                 if step == AUTHORIZE_AGAIN:
@@ -651,6 +663,22 @@ class ClientConnection(asyncio.Protocol):
                 self._rate_limited(ex, runtime, policy, wait)
             else:
                 self._proceed(ex, runtime, token, presented, next_step, allow)
+        except Exception:
+            self.internal_error(ex)
+
+    def _after_turn(self, ex: Exchange, runtime: RouteRuntime, token: str | None, presented: Presentation,
+                    step: int) -> None:
+        """A verification slot for ``ex``, which waited for it (jwtproxy.turns): decide it now,
+        unless it was answered meanwhile (a protocol error) or its client has gone, which the
+        transport knows first (closing at once; ``connection_lost``, which drops ``ex``, follows
+        as a callback)."""
+        transport = self.transport
+        if (self.closed or transport is None or transport.is_closing() or self.current is not ex
+                or ex.state != DECIDING or ex.task is not None):
+            return
+        try:
+            self.reading.resume("buffer")
+            self._proceed(ex, runtime, token, presented, step, None)
         except Exception:
             self.internal_error(ex)
 

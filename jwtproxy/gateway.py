@@ -42,6 +42,7 @@ from jwtproxy.ratelimit import Policy
 from jwtproxy.revocation import IsRevoked
 from jwtproxy.routing import Router
 from jwtproxy.tokencache import TokenCache
+from jwtproxy.turns import VerificationTurns
 from jwtproxy.upstream import UpstreamPool
 from jwtproxy.verifier import TokenVerifier
 
@@ -212,6 +213,7 @@ class Gateway:
             remote_replay=replay_remote is not None,
             introspectors=introspectors,
             failures=self.limits if self.limits.budget is not None else None,
+            turns=VerificationTurns(),
         )
         self.replay_remote = replay_remote
         self.connections: set[ClientConnection] = set()
