@@ -458,17 +458,21 @@ class AuthStage:
         key = cache_key(token)
         entry = self.cache.get(key, now)
         if entry is None:
-            turns = self.turns
-            if turns is not None and not turns.take():
-                return DEFERRED  # cached tokens first: see jwtproxy.turns
-            if self.on_cache is not None:
-                self.on_cache("miss")
             failures = self.failures
             if failures is not None:
                 wait = failures.failure_wait(client, now)
                 if wait > 0.0:
+                    if self.on_cache is not None:
+                        self.on_cache("miss")
                     return Deny(429, "too many failed token verifications from this address",
                                 "failure_budget", error="rate_limited", headers=failures.failure_headers(wait))
+            # After the failure budget, which refuses without signature work: a refused request
+            # takes no verification slot.
+            turns = self.turns
+            if turns is not None and not turns.take():
+                return DEFERRED  # cached tokens first: see jwtproxy.turns
+            if self.on_cache is not None:
+                self.on_cache("miss")  # once, when the token is verified (not when it waits)
             try:
                 found = self._verify(token, key, now, rules)
             except TokenRejected as exc:  # raised by cached_token (claims that cannot be headers)

@@ -483,14 +483,19 @@ async def _within(
                 raise asyncio.TimeoutError()
             graces += 1
             deadline = now + STALL_GRACE
-    finally:
-        if not attempt.done():
-            attempt.cancel()
-            # As wait_for does: see the attempt end, so a connection that won the race against
-            # the cancellation is closed rather than left open with nobody holding it.
-            await asyncio.wait((attempt,))
-            if not attempt.cancelled() and attempt.exception() is None:
-                attempt.result()[0].close()
+    except BaseException as exc:  # the timeout above, or the caller's cancellation (a client left)
+        error = exc
+    # Not in a finally block: there, compiled (mypyc), a connect cancelled by a client's reset
+    # came back as None instead of CancelledError (a TypeError in _open, logged as an internal
+    # error). Outside the block the exception is re-raised explicitly.
+    if not attempt.done():
+        attempt.cancel()
+        # As wait_for does: see the attempt end, so a connection that won the race against the
+        # cancellation is closed rather than left open with nobody holding it.
+        await asyncio.wait((attempt,))
+        if not attempt.cancelled() and attempt.exception() is None:
+            attempt.result()[0].close()
+    raise error
 
 
 class UpstreamPool:

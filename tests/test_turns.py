@@ -338,3 +338,26 @@ async def test_forged_tokens_wait_their_turn_too_and_are_all_refused(make_gatewa
     assert [status for status, _, _ in responses] == [401] * count
     assert all(b"signature verification failed" in body for _, _, body in responses)
     assert turns.waited > 0
+
+
+async def test_requests_past_the_failure_budget_take_no_verification_slot(make_gateway, rsa_key):
+    gw = await make_gateway(extra={"limits": {"failures_per_ip": 2}})
+    turns = gw.gateway.auth.turns = RecordingTurns()
+    forger = SigningKey.rsa(rsa_key.kid, "RS256")
+    # The budget counts failures per one-second window: start early in a second, to stay in it.
+    await asyncio.sleep(1.0 - time.time() % 1.0 + 0.01)
+    for n in range(3):  # three failures: past the budget of two
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(request(fresh_token(forger, n)))
+        assert await read_status(reader) == 401
+        writer.close()
+    granted = turns.granted
+    count = 4 * VERIFICATIONS_PER_TURN
+    conns = await send_all_in_one_turn(gw.port, [request(fresh_token(forger, 100 + n)) for n in range(count)])
+    try:
+        statuses = await asyncio.gather(*(read_status(r) for r, _ in conns))
+    finally:
+        for _, writer in conns:
+            writer.close()
+    assert statuses == [429] * count
+    assert turns.granted == granted and turns.waited == 0  # refused before the turn's budget
