@@ -32,7 +32,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import tokens  # noqa: E402
+from procs import Processes, can_pin, wait_port  # noqa: E402
 
 WORK = BENCH / "work"
 NGINX_CONF = """
@@ -71,24 +71,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def pinned(cpu: int | None, cmd: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *cmd] if cpu is not None and shutil.which("taskset") else cmd
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit(f"{what} did not start") from None
-            time.sleep(0.2)
-
-
 class Stack:
-    """The origin and one jwtproxy worker, started and stopped together."""
+    """The origin and one jwtproxy worker, started and stopped together (``procs.Processes``:
+    pinned with taskset where the machine allows, logs under the stack's work directory)."""
 
     def __init__(self, args: argparse.Namespace, max_connections: int) -> None:
         self.args = args
@@ -96,7 +81,11 @@ class Stack:
         self.origin_port = free_port()
         self.port = free_port()
         self.max_connections = max_connections
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs = Processes(self.work / "logs", pin=can_pin())
+
+    def pinned(self, cpu: int, cmd: list[str]) -> list[str]:
+        """``cmd`` on ``cpu`` (wrk), as the stack pins its own processes."""
+        return ["taskset", "-c", str(cpu), *cmd] if self.procs.pin else cmd
 
     def __enter__(self) -> Stack:
         args, work = self.args, self.work
@@ -106,7 +95,7 @@ class Stack:
             origin = ["nginx", "-c", str(conf), "-p", str(work), "-g", "daemon off;"]
         else:
             origin = [sys.executable, str(BENCH / "upstream.py"), str(self.origin_port)]
-        self._start(pinned(args.load_cpu, origin), self.origin_port, "the origin")
+        wait_port(self.procs.spawn("origin", origin, args.load_cpu), self.origin_port, 30)
         keys = tokens.ensure_keys(WORK)
         config = work / "jwtproxy.toml"
         config.write_text(f"""
@@ -138,26 +127,15 @@ max_idle = 128
 [revocation]
 sqlite_path = "{work}/rev.db"
 """)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (str(BENCH.parent), os.environ.get("PYTHONPATH", "")) if p))
-        self._start(pinned(args.proxy_cpu, [sys.executable, "-m", "jwtproxy", "serve", "-c", str(config)]),
-                    self.port, "jwtproxy", env)
+        path = os.pathsep.join(p for p in (str(BENCH.parent), os.environ.get("PYTHONPATH", "")) if p)
+        proxy = self.procs.spawn("jwtproxy", [sys.executable, "-m", "jwtproxy", "serve", "-c", str(config)],
+                                 args.proxy_cpu, env={"PYTHONPATH": path})
+        wait_port(proxy, self.port, 30)
         time.sleep(1.0)
         return self
 
-    def _start(self, cmd: list[str], port: int, what: str, env: dict[str, str] | None = None) -> None:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        self.procs.append(proc)
-        wait_port(port, proc, what)
-
     def __exit__(self, *exc: object) -> None:
-        for proc in reversed(self.procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(proc.pid, signal.SIGKILL)
+        self.procs.stop_all()
         shutil.rmtree(self.work, ignore_errors=True)
 
 
@@ -179,7 +157,7 @@ def rps(out: str) -> float:
 
 
 def valid_run(args: argparse.Namespace, stack: Stack, token: str) -> tuple[float, float]:
-    out = subprocess.run(pinned(args.load_cpu, [
+    out = subprocess.run(stack.pinned(args.load_cpu, [
         "wrk", "-t1", "-c16", f"-d{args.duration}s", "--latency", "-H", f"Authorization: Bearer {token}",
         f"http://127.0.0.1:{stack.port}/"]), capture_output=True, text=True, check=True).stdout
     return rps(out), p99_ms(out)
@@ -206,7 +184,7 @@ def measure_mix(args: argparse.Namespace) -> None:
         valid_run(argparse.Namespace(**{**vars(args), "duration": 2}), stack, token)  # warm-up: the cache
         for rep in range(args.reps):
             alone.append(valid_run(args, stack, token))
-            forged = subprocess.Popen(pinned(args.load_cpu, [
+            forged = subprocess.Popen(stack.pinned(args.load_cpu, [
                 "wrk", "-t1", "-c16", f"-d{args.duration + 2}s", "-s", str(BENCH / "lua" / "bench.lua"),
                 f"http://127.0.0.1:{stack.port}/", "--", f"@{forged_file}", "/", "0", str(rep * 20_000)]),
                 stdout=subprocess.PIPE, text=True)
@@ -268,8 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found (apt-get install wrk)")
-    if (os.cpu_count() or 1) < 2:
-        args.proxy_cpu = args.load_cpu = None
     if args.what == "mix":
         measure_mix(args)
     else:
