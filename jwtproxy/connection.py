@@ -676,6 +676,11 @@ class ClientConnection(asyncio.Protocol):
         if (self.closed or transport is None or transport.is_closing() or self.current is not ex
                 or ex.state != DECIDING or ex.task is not None):
             return
+        self._authorize_after_wait(ex, runtime, token, presented, step)
+
+    def _authorize_after_wait(self, ex: Exchange, runtime: RouteRuntime, token: str | None,
+                              presented: Presentation, step: int) -> None:
+        """Go on with ``ex`` from authorisation step ``step`` once its wait is over."""
         try:
             self.reading.resume("buffer")
             self._proceed(ex, runtime, token, presented, step, None)
@@ -780,11 +785,7 @@ class ClientConnection(asyncio.Protocol):
         ex.task = None
         if self.closed:
             return
-        try:
-            self.reading.resume("buffer")
-            self._proceed(ex, runtime, token, presented, AUTHORIZE_AGAIN, None)
-        except Exception:
-            self.internal_error(ex)
+        self._authorize_after_wait(ex, runtime, token, presented, AUTHORIZE_AGAIN)
 
     @staticmethod
     def _is_preflight(ex: Exchange) -> bool:

@@ -58,7 +58,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from jwtproxy.jose import ParsedJWS, ParsedToken, TokenRejected, parse_compact
 from jwtproxy.keys import HMAC_ALGORITHMS, KeySet, SignatureVerifier, keyset_from_secret
@@ -79,6 +79,9 @@ __all__ = [
     "normalise_typ",
     "signature_verdict",
 ]
+
+
+_Found = TypeVar("_Found")
 
 
 class UnknownKid(Exception):
@@ -139,6 +142,13 @@ def _empty(value: Any) -> bool:
     return value is None or (isinstance(value, (str, list, dict)) and not value)
 
 
+def _raised(found: _Found | TokenRejected) -> _Found:
+    """``found``, or the rejection raised: what each raising twin of a ``*verdict`` function does."""
+    if isinstance(found, TokenRejected):
+        raise found
+    return found
+
+
 def signature_verdict(
     jws: ParsedJWS | ParsedToken,
     keys: KeySet | None,
@@ -192,10 +202,7 @@ def check_signature(
     refetchable: bool = True,
 ) -> SignatureVerifier:
     """:func:`signature_verdict` that raises its rejection."""
-    found = signature_verdict(jws, keys, secret_keys, allowed_algs, issuer_name, refetchable)
-    if isinstance(found, TokenRejected):
-        raise found
-    return found
+    return _raised(signature_verdict(jws, keys, secret_keys, allowed_algs, issuer_name, refetchable))
 
 
 class IssuerVerifier:
@@ -228,10 +235,7 @@ class IssuerVerifier:
         """Steps 3-7 for a token whose ``iss`` is this issuer (``defer_audience``: see
         :meth:`TokenVerifier.verify`). Raises :class:`TokenRejected` (and see
         :func:`signature_verdict`)."""
-        found = self.verdict(token, now, defer_audience)
-        if isinstance(found, TokenRejected):
-            raise found
-        return found
+        return _raised(self.verdict(token, now, defer_audience))
 
     def verdict(self, token: ParsedToken, now: float, defer_audience: bool = False) -> Verified | TokenRejected:
         """:meth:`verify` that returns its rejection."""
@@ -262,10 +266,7 @@ class IssuerVerifier:
         (the claim's shape is still checked, its values are in :attr:`Verified.audience`).
         ``audience_required`` False lets a token without the audience claim pass.
         """
-        found = self.claims_verdict(claims, now, audiences, audience_required)
-        if isinstance(found, TokenRejected):
-            raise found
-        return found
+        return _raised(self.claims_verdict(claims, now, audiences, audience_required))
 
     def claims_verdict(
         self, claims: dict[str, Any], now: float, audiences: frozenset[str] | None, audience_required: bool
@@ -387,10 +388,7 @@ class TokenVerifier:
 
         Raises :class:`TokenRejected`, :class:`UnknownKid` or :class:`KeysNotLoaded`.
         """
-        found = self.verdict(token, now, allowed_issuers, defer_audience=defer_audience)
-        if isinstance(found, TokenRejected):
-            raise found
-        return found
+        return _raised(self.verdict(token, now, allowed_issuers, defer_audience=defer_audience))
 
     def verdict(
         self, token: str, now: float, allowed_issuers: Collection[str] | None = None, *, defer_audience: bool = False
