@@ -26,8 +26,9 @@ TARGETS: tuple[Target, ...] = (
     Target("a", "(a) jwtproxy/httptools >= 8x Node rps", "jwtproxy-httptools", "node", "rps", 8.0),
     Target("b", "(b) jwtproxy/httptools >= 1.0x Envoy rps", "jwtproxy-httptools", "envoy", "rps", 1.0),
     Target("c", "(c) jwtproxy/httptools >= 1.0x Envoy rps", "jwtproxy-httptools", "envoy", "rps", 1.0),
-    Target("e", "(e) jwtproxy/httptools >= 1.0x Envoy without JWT filter", "jwtproxy-httptools",
-           "envoy-nojwt", "rps", 1.0),
+    Target("d", "(d) jwtproxy/httptools >= 0.8x Envoy rps", "jwtproxy-httptools", "envoy", "rps", 0.8),
+    Target("e", "(e) jwtproxy/httptools >= 1.6x Envoy without JWT filter", "jwtproxy-httptools",
+           "envoy-nojwt", "rps", 1.6),
     Target("i", "(i) signed assertions on >= 0.9x off", "jwtproxy-assertion", "jwtproxy-httptools", "rps", 0.9),
 )
 
@@ -51,6 +52,31 @@ def _ratio(rows: Mapping[str, Row], peer: str, versus: str, metric: str) -> floa
     return x / y if x is not None and y else None
 
 
+def _rep_ratios(rows: Mapping[str, Row], peer: str, versus: str, metric: str) -> list[float]:
+    """The ratio within each repetition: sample i of ``peer`` against sample i of ``versus``.
+
+    run.py measures every peer once per repetition, interleaved, so the i-th samples of two peers
+    were taken minutes apart at most; their spread shows how much of a median ratio is the
+    machine's noise rather than the systems' difference."""
+    a, b = rows.get(peer), rows.get(versus)
+    if a is None or b is None or not a.ok or not b.ok:
+        return []
+    attr = "rps" if metric == "rps" else "p99_ms"
+    ratios = []
+    for x, y in zip(a.samples, b.samples):
+        top, bottom = getattr(x, attr), getattr(y, attr)
+        if top is not None and bottom:
+            ratios.append(top / bottom)
+    return ratios
+
+
+def _range(values: Sequence[float], spec: str, suffix: str = "") -> str:
+    """``min-max`` of two or more values, else an em dash (one repetition has no spread)."""
+    if len(values) < 2:
+        return "—"
+    return f"{format(min(values), spec)}{suffix}–{format(max(values), spec)}{suffix}"
+
+
 def markdown(results: Mapping[str, Mapping[str, Row]], meta: Sequence[tuple[str, str]],
              title: str, chart_name: str | None) -> str:
     """The whole report: header facts, one table per scenario, the targets table."""
@@ -66,13 +92,13 @@ def markdown(results: Mapping[str, Mapping[str, Row]], meta: Sequence[tuple[str,
         has_ref = ref in rows
         out += [f"## ({skey}) {scen.title}", "",
                 f"`GET {scen.path}`, expected status {scen.expect}.", "",
-                "| system | req/s | " + (f"vs {rows[ref].label} | " if has_ref else "")
+                "| system | req/s | req/s range | " + (f"vs {rows[ref].label} | " if has_ref else "")
                 + "p50 ms | p99 ms | RSS MiB | token cache hits | errors |",
-                "|---|---:|" + ("---:|" if has_ref else "") + "---:|---:|---:|---:|---:|"]
+                "|---|---:|---:|" + ("---:|" if has_ref else "") + "---:|---:|---:|---:|---:|"]
         for row in rows.values():
             if not row.ok:
                 out.append(f"| {row.label} | not measured: {_cell(row.failure or 'no samples')} |"
-                           + " |" * (6 if has_ref else 5))
+                           + " |" * (7 if has_ref else 6))
                 continue
             ratio_cell = ""
             if has_ref:
@@ -82,14 +108,17 @@ def markdown(results: Mapping[str, Mapping[str, Row]], meta: Sequence[tuple[str,
             err_text = "0" if not errors else f"**{errors}** " + ", ".join(
                 f"{k}={v}" for k, v in _merge_detail(row).items())
             out.append(
-                f"| {row.label} | {_fmt(row.med('rps'), ',.0f')} | {ratio_cell}"
+                f"| {row.label} | {_fmt(row.med('rps'), ',.0f')} | "
+                f"{_range([s.rps for s in row.samples], ',.0f')} | {ratio_cell}"
                 f"{_fmt(row.med('p50_ms'), '.2f')} | {_fmt(row.med('p99_ms'), '.2f')} | "
                 f"{_fmt(row.med('rss_mib'), '.0f')} | {_pct(row.med('cache_hit_ratio'))} | {err_text} |")
         out.append("")
     target_lines = targets_table(results)
     if target_lines:
         out += ["## Targets (ratios within this run)", "",
-                "| target | measured | met |", "|---|---:|:---:|", *target_lines, ""]
+                "The measured ratio is of the medians; the range is the same ratio within each "
+                "repetition (the two systems measured minutes apart at most).", "",
+                TARGETS_HEAD, TARGETS_RULE, *target_lines, ""]
     return "\n".join(out)
 
 
@@ -111,6 +140,10 @@ def _merge_detail(row: Row) -> dict[str, int]:
     return merged
 
 
+TARGETS_HEAD = "| target | measured | per repetition | met |"
+TARGETS_RULE = "|---|---:|---:|:---:|"
+
+
 def targets_table(results: Mapping[str, Mapping[str, Row]]) -> list[str]:
     """One line per target whose scenario ran; h11 figures beside the httptools ones."""
     lines = []
@@ -121,12 +154,13 @@ def targets_table(results: Mapping[str, Mapping[str, Row]]) -> list[str]:
         value = _ratio(rows, t.peer, t.versus, t.metric)
         h11 = _ratio(rows, "jwtproxy-h11", t.versus, t.metric)
         if value is None:
-            lines.append(f"| {t.text} | not measured | — |")
+            lines.append(f"| {t.text} | not measured | — | — |")
             continue
         met = value >= t.ratio if t.metric == "rps" else value <= t.ratio
         h11_text = f" (h11: {h11:.2f}x)" if h11 is not None else ""
         unit = "x" if t.metric == "rps" else "x of Envoy's p99"
-        lines.append(f"| {t.text} | {value:.2f}{unit}{h11_text} | {'yes' if met else '**no**'} |")
+        spread = _range(_rep_ratios(rows, t.peer, t.versus, t.metric), ".2f", "x")
+        lines.append(f"| {t.text} | {value:.2f}{unit}{h11_text} | {spread} | {'yes' if met else '**no**'} |")
     # Limits on against off: scenario (j) against (a), same peer, same run.
     on, off = results.get("j"), results.get("a")
     if on is not None and off is not None:
@@ -139,10 +173,12 @@ def targets_table(results: Mapping[str, Mapping[str, Row]]) -> list[str]:
         value, h11 = ratios["jwtproxy-httptools"], ratios["jwtproxy-h11"]
         text = "(j)/(a) jwtproxy/httptools rps with limits on >= 0.9x off"
         if value is None:
-            lines.append(f"| {text} | not measured | — |")
+            lines.append(f"| {text} | not measured | — | — |")
         else:
             h11_text = f" (h11: {h11:.2f}x)" if h11 is not None else ""
-            lines.append(f"| {text} | {value:.2f}x{h11_text} | {'yes' if value >= 0.9 else '**no**'} |")
+            a, b = on["jwtproxy-httptools"], off["jwtproxy-httptools"]  # both measured: value is set
+            spread = _range([x.rps / y.rps for x, y in zip(a.samples, b.samples) if y.rps], ".2f", "x")
+            lines.append(f"| {text} | {value:.2f}x{h11_text} | {spread} | {'yes' if value >= 0.9 else '**no**'} |")
     return lines
 
 

@@ -372,7 +372,7 @@ def update_readme(results: dict[str, dict[str, Row]], stamp: str) -> None:
         lines.append(f"| {ALL_PEERS[key].label} | " + " | ".join(cells) + " |")
     targets = report.targets_table(results)
     if targets:
-        lines += ["", "| target | measured | met |", "|---|---:|:---:|", *targets]
+        lines += ["", report.TARGETS_HEAD, report.TARGETS_RULE, *targets]
     lines += ["", "![latest benchmark](results/latest.png)", "", README_END]
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
