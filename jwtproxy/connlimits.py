@@ -249,6 +249,12 @@ class PendingQueue(Generic[T]):
         """Requests waiting (those whose client left are not counted)."""
         return sum(1 for future in self._waiters if not future.done())
 
+    def has_waiters(self) -> bool:
+        """Whether anyone may be waiting: :meth:`hand` is worth calling. Cheap (no count), so it
+        may be true of waiters whose client left, which :meth:`hand` skips; asked once per
+        forwarded request, where ``len`` would walk the queue."""
+        return bool(self._waiters)
+
     def wait(self, timeout: float) -> asyncio.Future[T | None]:
         """A place in the queue; raises :class:`QueueFull` when there is none."""
         if len(self._waiters) >= self.limit:

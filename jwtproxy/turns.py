@@ -11,9 +11,10 @@ a sustained flood valid clients wait for the whole flood on every request.
 
 :class:`VerificationTurns` hands out ``per_turn`` verifications per turn. The auth stage calls
 :meth:`VerificationTurns.take` before it verifies a signature; when it is refused, the
-connection parks the exchange (``DECIDING``, reading paused, as for any other wait) with
-:meth:`VerificationTurns.wait`, and the exchange is resumed at the start of a later turn, after
-the loop has polled again and answered what was cheap. Three rules:
+connection parks the exchange in ``DECIDING`` with :meth:`VerificationTurns.wait` (reading
+stays on, unlike the other waits: the wait is a few loop turns, and a client that resets
+meanwhile is noticed), and the exchange is resumed at the start of a later turn, after the loop
+has polled again and answered what was cheap. Three rules:
 
 - **Nothing is starved.** Every turn resumes up to ``per_turn`` waiting exchanges, oldest first,
   and a newly arrived unknown token never overtakes a waiting one (FIFO).

@@ -712,7 +712,7 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection whose exchange finished cleanly: to a waiting request, else idle."""
-        if not self._closed and not conn.closed and len(self.pending):
+        if not self._closed and not conn.closed and self.pending.has_waiters():
             conn.reused = True
             if self.pending.hand(conn):
                 return
