@@ -323,6 +323,57 @@ async def test_upstream_refused_is_502_and_timeout_is_504(make_gateway, backend)
     assert parse_responses(raw)[0][0] == 504
 
 
+async def _counting_upstream() -> tuple[asyncio.AbstractServer, int, list[int]]:
+    """Keep-alive upstream: ``/fast`` answered at once, ``/hang`` never (until the gateway
+    closes); counts connections."""
+    accepted: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /hang"):
+                    await reader.read()  # until the gateway gives up on it and closes
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], accepted
+
+
+async def test_response_timeout_is_per_exchange_on_a_reused_connection(make_gateway):
+    # One timer per upstream connection watches the response head (upstream._arm_head_timer).
+    # (1) A head that arrived leaves nothing due: when the timer fires on the idle connection it
+    # must not close it (the next request reuses it: still one upstream connection).
+    # (2) A later exchange on the same connection is due response_timeout after it started, not
+    # when the timer armed by the earlier exchange fires.
+    server, port, accepted = await _counting_upstream()
+    try:
+        gw = await open_gateway(make_gateway, backend_port=port, upstream={"response_timeout": 0.4})
+        raw = await raw_exchange(gw.port, b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert parse_responses(raw)[0][0] == 200
+        await asyncio.sleep(0.6)  # the first exchange's timer fires on the idle connection
+        raw = await raw_exchange(gw.port, b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert parse_responses(raw)[0][0] == 200
+        assert len(accepted) == 1, "the idle connection was closed by a timer with nothing due"
+        await asyncio.sleep(0.25)  # the second exchange's timer is due 0.15 s from now
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        raw = await raw_exchange(gw.port, b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        waited = loop.time() - started
+        assert parse_responses(raw)[0][0] == 504
+        assert len(accepted) == 1  # the hanging request went out on the same connection
+        assert waited >= 0.35, f"504 after {waited:.2f}s: an earlier exchange's deadline was applied"
+    finally:
+        server.close()
+
+
 async def test_failed_target_falls_over_to_next(make_gateway, backend):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
