@@ -114,6 +114,23 @@ def header_tokens(value: bytes) -> set[bytes]:
     return {token.strip() for token in value.lower().split(b",")}
 
 
+# Connection header values seen in responses, and their tokens: an upstream sends one or two
+# values ("keep-alive", "close") on every response. Bounded: a value past the bound is parsed
+# each time, so a hostile upstream cannot grow it.
+_TOKENS_MEMO: dict[bytes, frozenset[bytes]] = {}
+_TOKENS_MEMO_LIMIT = 64
+
+
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    """:func:`header_tokens` of a ``Connection`` value, remembered for the values seen most."""
+    found = _TOKENS_MEMO.get(value)
+    if found is None:
+        found = frozenset(header_tokens(value))
+        if len(_TOKENS_MEMO) < _TOKENS_MEMO_LIMIT:
+            _TOKENS_MEMO[value] = found
+    return found
+
+
 class HttptoolsCodec:
     """llhttp through httptools. One instance per client connection."""
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from jwtproxy.codec import ProtocolError, RequestHead, header_tokens
+from jwtproxy.codec import ProtocolError, RequestHead, connection_tokens, header_tokens
 
 HOP_BY_HOP = frozenset(
     {
@@ -247,12 +247,12 @@ class HeaderPolicy:
     ) -> bytes:
         """The request head sent upstream. ``framing`` is ``content-length: N\\r\\n``-style bytes;
         ``assertion`` the signed assertion's value (a compact JWS: base64url and dots only)."""
+        # parts.append and self.classify, not aliases of them: compiled, each is a direct call,
+        # and a bound-method alias a generic one.
         parts = [method, b" ", target, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
-        append = parts.append
-        classify = self.classify
         dropped_by_connection = scanned.connection_tokens
         for name, value in headers:
-            verdict = classify(name)
+            verdict = self.classify(name)
             if verdict == DROP:
                 continue
             if verdict == AUTHORIZATION and not forward_authorization:
@@ -261,10 +261,10 @@ class HeaderPolicy:
                 continue
             if drop_names and name in drop_names:
                 continue
-            append(name)
-            append(b": ")
-            append(value)
-            append(b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         xff = client_ip if scanned.forwarded_for is None else scanned.forwarded_for + b", " + client_ip
         parts += (
             b"x-forwarded-for: ", xff,
@@ -278,8 +278,8 @@ class HeaderPolicy:
             parts += (self.assertion_prefix, assertion, b"\r\n")
         if upgrade is not None:
             parts += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
-        append(framing)
-        append(b"\r\n")
+        parts.append(framing)
+        parts.append(b"\r\n")
         return b"".join(parts)
 
 
@@ -296,26 +296,27 @@ def response_head(
 ) -> bytes:
     """The response head for the client, from the upstream's status and headers."""
     parts = [b"HTTP/1.1 ", b"%d " % status, reason, b"\r\n"]
-    append = parts.append
-    named: frozenset[bytes] | set[bytes] = _NO_NAMES
+    named = _NO_NAMES
     for name, value in headers:
         if name == b"connection":
-            named = header_tokens(value) | named
+            tokens = connection_tokens(value)
+            named = tokens if not named else named | tokens
+    drop = _RESPONSE_DROP  # a module global is a dictionary lookup each time it is read
     for name, value in headers:
-        if name in _RESPONSE_DROP or name in named:
+        if name in drop or name in named:
             continue
-        append(name)
-        append(b": ")
-        append(value)
-        append(b"\r\n")
+        parts.append(name)  # not an alias: compiled, a direct list append (see upstream_head)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
     parts += (b"x-request-id: ", request_id, b"\r\n")
     if upgrade:
         upgrade_value = next((v for n, v in headers if n == b"upgrade"), b"websocket")
         parts += (b"connection: upgrade\r\nupgrade: ", upgrade_value, b"\r\n")
     elif not keep_alive:
-        append(b"connection: close\r\n")
+        parts.append(b"connection: close\r\n")
     elif http10_client:
-        append(b"connection: keep-alive\r\n")
-    append(framing)
-    append(b"\r\n")
+        parts.append(b"connection: keep-alive\r\n")
+    parts.append(framing)
+    parts.append(b"\r\n")
     return b"".join(parts)
