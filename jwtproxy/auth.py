@@ -607,15 +607,16 @@ def _scheme_credential(value: bytes, scheme: bytes) -> str | None:
     n = len(scheme)
     if len(value) < n or value[:n].lower() != scheme:
         return None
-    rest = value[n:]
-    if not rest:
+    if len(value) == n:
         raise MalformedAuthorization()
-    if rest[:1] != b" ":
+    if value[n] != 0x20:
         return None  # "Bearerx ..." is another scheme
-    token = rest.lstrip(b" ")
-    if not token or b" " in token.rstrip(b" ") or b"\t" in token:
+    # One copy of the credential: the spaces around it are stripped together (only spaces: a
+    # tab anywhere, or a space inside, is malformed either way).
+    token = value[n + 1:].strip(b" ")
+    if not token or b" " in token or b"\t" in token:
         raise MalformedAuthorization()
-    return token.rstrip(b" ").decode("latin-1")
+    return token.decode("latin-1")
 
 
 def bearer_credential(value: bytes) -> str | None:
