@@ -22,7 +22,7 @@ upstream transport; an nginx-shaped response goes into ``upstream.data_received`
 comes out on the client transport, and its status is checked. What is left out is the kernel and
 the event loop's socket work (per request ~20 µs on the bench machine, the same for every path).
 
-Scenarios mirror ``bench/run.py`` (a-f), plus ``a0`` (one token with the cache off: verified on
+Scenarios mirror ``bench/run.py`` (a-f, j), plus ``a0`` (one token with the cache off: verified on
 every request, the issue's "cache off") and ``r`` (a cached token on ``/svc0005/orders/42``, for
 ``--routes``). Rotating scenarios (b, c, d) send tokens never seen before, into a token cache that
 is full (padded with dummy verdicts), so every accepted token also evicts one, as under wrk with
@@ -85,6 +85,7 @@ SCENARIOS: dict[str, tuple[str, str, str, bytes]] = {
     "d": ("distinct bad RS256 signatures (401)", "/", "bad-rs256", b"401"),
     "e": ("auth off, no token", "/open", "none", b"200"),
     "f": ("64 KiB response, one cached RS256 token", "/big", "one-rs256", b"200"),
+    "j": ("as a, on a rate-limited route (limit never reached)", "/limited", "one-rs256", b"200"),
     "r": ("one cached RS256 token on /svc0005/orders/42 (for --routes)", "/svc0005/orders/42", "one-rs256", b"200"),
 }
 ROTATING = ("rs256", "es256", "bad-rs256")
@@ -130,14 +131,18 @@ def jwks_document(keys: tokens.KeyMaterial, total_keys: int) -> Path:
     return path
 
 
-def config_data(jwks: Path, parser: str, cache_size: int, routes: int) -> dict[str, Any]:
-    """The bench config (templates/jwtproxy.toml) as a dict, with ``routes`` routes in all."""
+def config_data(jwks: Path, parser: str, cache_size: int, routes: int, limited: bool = False) -> dict[str, Any]:
+    """The bench config (templates/jwtproxy.toml) as a dict, with ``routes`` routes in all, and
+    with ``limited`` its rate-limited route ``/limited`` too (scenario j)."""
     route_list: list[dict[str, Any]] = [
         {"path_prefix": "/", "upstream": "origin"},
         {"path_prefix": "/open", "upstream": "origin", "auth": "off"},
         {"path_prefix": "/big", "upstream": "origin"},
     ]
     route_list += [{"path_prefix": f"/svc{i:04d}", "upstream": "origin"} for i in range(max(0, routes - 3))]
+    if limited:
+        route_list.append({"path_prefix": "/limited", "upstream": "origin", "rate_limit": {
+            "requests": 1_000_000_000, "per": 1, "burst": 1_000_000, "key": "sub"}})
     return {
         "server": {"listen": ["127.0.0.1:0"], "workers": 1, "http_parser": parser, "access_log": False,
                    "keepalive_timeout": 300},
@@ -210,7 +215,7 @@ class Harness:
         keys = tokens.ensure_keys(WORK)
         jwks = jwks_document(keys, total_keys)
         cache_size = 0 if scenario == "a0" else CACHE_SIZE
-        config = parse_config(config_data(jwks, parser, cache_size, routes), "inproc.toml")
+        config = parse_config(config_data(jwks, parser, cache_size, routes, limited=scenario == "j"), "inproc.toml")
         self.worker = build_worker(config, store=MemoryRevocationStore(), key_log=lambda _m: None)
         gw = self.gateway = self.worker.gateway
         # The loop is driven by hand here, without turns: every verification at once (jwtproxy.turns).
