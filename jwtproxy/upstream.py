@@ -434,7 +434,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The response head is due within ``response_timeout`` from now.
 
         One timer per connection, not one per exchange: arming and cancelling a timer for every
-        request cost about a tenth of a forwarded request's own work (callgrind). The timer is
+        request cost ~7 % of a forwarded request's own instructions (callgrind). The timer is
         left running when the head arrives; when it fires, :meth:`_on_timer` compares the clock
         with what is due then: nothing (the connection is idle or between heads: the timer
         ends), a later head (a later exchange on the same connection: it fires again then) or
