@@ -180,8 +180,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._request_done = False
         self._response_done = False
         self._keep_alive = False
-        # The response timeout (module docstring of _arm_head_timer): when the head is due (0.0:
-        # none is awaited), and the one timer that watches it and when that timer fires.
+        # The response timeout (see _arm_head_timer): when the head is due (0.0: none is
+        # awaited), and the one timer that watches it and when that timer fires.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._head_due = 0.0
@@ -461,8 +461,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer_at = due
             self._timer = self._loop.call_at(due, self._on_timer)
             return
-        self._head_due = 0.0
-        self._fail(UpstreamError("timeout", 504, "upstream timed out"))
+        self._fail(UpstreamError("timeout", 504, "upstream timed out"))  # its close() clears _head_due
 
     def _fail(self, error: UpstreamError, sink: ResponseSink | None = None) -> None:
         sink = sink or self.sink
