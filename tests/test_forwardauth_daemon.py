@@ -62,17 +62,23 @@ async def test_every_worker_serves_the_authz_listener(daemon: Daemon, backend: B
 
     # Counted with the route and listener="authz"; the traffic listener's with "traffic".
     await raw_exchange(daemon.port, b"GET /open/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    # (multiprocess rendering sorts the labels)
+    expected = [
+        'jwtproxy_requests_total{listener="authz",route="/",status="401"} 1.0',
+        'jwtproxy_requests_total{listener="authz",route="/open",status="200"} 1.0',
+        'jwtproxy_requests_total{listener="traffic",route="/open",status="200"} 1.0',
+    ]
     text = ""
     for _ in range(60):
+        # Each worker flushes its counts about once a second, on its own: wait for every line,
+        # not for some (the requests above may have gone to either worker).
         _, body = await daemon.admin("GET", "/metrics")
         text = body.decode()
-        if 'listener="authz",route="/",status="401"' in text and 'listener="traffic"' in text:
+        if all(line in text for line in expected):
             break
         await asyncio.sleep(0.1)
-    # (multiprocess rendering sorts the labels)
-    assert 'jwtproxy_requests_total{listener="authz",route="/",status="401"} 1.0' in text
-    assert 'jwtproxy_requests_total{listener="authz",route="/open",status="200"} 1.0' in text
-    assert 'jwtproxy_requests_total{listener="traffic",route="/open",status="200"} 1.0' in text
+    for line in expected:
+        assert line in text
 
 
 async def test_a_reload_keeps_the_authz_listener(daemon: Daemon, rsa_key: SigningKey) -> None:
