@@ -8,8 +8,10 @@ Theory of operation
 * :class:`Deny` – answer this status and RFC 6750 error now;
 * :class:`Pending` – the token names a key we do not have: await ``Pending.wait`` (one shared
   JWKS refetch, rate-limited by ``jwks_cooldown``) and call again once;
-* :data:`DEFERRED` – the token is not in the cache and this event-loop turn's verifications
-  are spent (:mod:`jwtproxy.turns`): wait for a slot and call again, nothing decided yet;
+* :class:`Deferred` – the token is not in the cache and this event-loop turn's verifications
+  are spent (:mod:`jwtproxy.turns`): wait for a slot and call again with ``Deferred.key``
+  (the token's cache key, so that asking again does not hash the token again), nothing decided
+  yet;
 * :class:`CheckReplay` – everything passed, including a DPoP proof, and the proof's ``jti`` is
   recorded on this host; the shell must still record it across nodes (Redis) before forwarding
   ``CheckReplay.allow`` (only when a cross-node guard is configured).
@@ -79,7 +81,6 @@ __all__ = [
     "AuthStage",
     "CachedToken",
     "CheckReplay",
-    "DEFERRED",
     "Deferred",
     "Deny",
     "Pending",
@@ -193,13 +194,13 @@ class Pending:
 
 class Deferred:
     """The token needs signature work and this event-loop turn's share is spent: wait for a slot
-    (:class:`jwtproxy.turns.VerificationTurns`), then ask again."""
+    (:class:`jwtproxy.turns.VerificationTurns`), then ask again with ``key``, the token's cache
+    key (a SHA-256 of the token: about a microsecond a request that a flood would pay twice)."""
 
-    __slots__ = ()
+    __slots__ = ("key",)
 
-
-#: The one :class:`Deferred`.
-DEFERRED: Final = Deferred()
+    def __init__(self, key: bytes) -> None:
+        self.key = key
 
 
 class CheckReplay:
@@ -443,10 +444,12 @@ class AuthStage:
         refetched: bool = False,
         presented: Presentation = BEARER,
         client: str = "",
+        key: bytes | None = None,
     ) -> Allow | Deny | Pending | CheckReplay | Deferred:
         """Decide one request (module docstring). ``presented``: the request's proof of possession
         (its ``Authorization`` scheme, ``DPoP`` headers, URI, client certificate). ``client``: the
-        client address the failure budget counts against."""
+        client address the failure budget counts against. ``key``: the token's cache key when a
+        :class:`Deferred` answer gave it (else it is computed here)."""
         if token is None:
             return ANONYMOUS if rules.auth == "optional" else MISSING_TOKEN
         if len(token) > self.max_bytes:
@@ -455,7 +458,8 @@ class AuthStage:
             introspector = self._introspector_for(rules)
             if introspector is not None:
                 return self._introspected(rules, introspector, token, now, refetched, presented)
-        key = cache_key(token)
+        if key is None:
+            key = cache_key(token)
         entry = self.cache.get(key, now)
         if entry is None:
             failures = self.failures
@@ -470,7 +474,7 @@ class AuthStage:
             # takes no verification slot.
             turns = self.turns
             if turns is not None and not turns.take():
-                return DEFERRED  # cached tokens first: see jwtproxy.turns
+                return Deferred(key)  # cached tokens first: see jwtproxy.turns
             if self.on_cache is not None:
                 self.on_cache("miss")  # once, when the token is verified (not when it waits)
             try:

@@ -564,7 +564,7 @@ class ClientConnection(asyncio.Protocol):
         self._proceed(ex, runtime, token, presented, LIMIT_BEFORE, ANONYMOUS if anonymous else None)
 
     def _proceed(self, ex: Exchange, runtime: RouteRuntime, token: str | None, presented: Presentation,
-                step: int, allow: Allow | None) -> None:
+                step: int, allow: Allow | None, token_key: bytes | None = None) -> None:
         """Take ``ex`` from decision step ``step`` to an answer or an upstream.
 
         The steps, in order: the rate limit when its key is known without verification
@@ -574,7 +574,8 @@ class ClientConnection(asyncio.Protocol):
         forwarding. A step that has to wait (keys to refetch, a proof's jti to record on Redis, a
         rate-limit decision on Redis) parks the exchange in ``DECIDING`` and a task calls back
         here with the next step; so does a token that needs a signature verification once this
-        loop turn's verifications are spent, without a task (:mod:`jwtproxy.turns`).
+        loop turn's verifications are spent, without a task (:mod:`jwtproxy.turns`), and with
+        the token's cache key (``token_key``), which the first ask computed.
         """
         gw = self.gw
         policy = runtime.rate_limit
@@ -589,7 +590,7 @@ class ClientConnection(asyncio.Protocol):
             authorize = gw.auth.authorize
             # The address only when a failure budget will count it (reading it can parse headers).
             client = self.client_address(ex) if gw.limits.budget is not None else ""
-            arguments = (runtime.rules, token, time.time(), step == AUTHORIZE_AGAIN, presented, client)
+            arguments = (runtime.rules, token, time.time(), step == AUTHORIZE_AGAIN, presented, client, token_key)
             decision = authorize(*arguments) if ex.trace is None else ex.trace.verify(authorize, *arguments)
             if isinstance(decision, Deny):
                 self._deny(ex, decision)
@@ -600,7 +601,7 @@ class ClientConnection(asyncio.Protocol):
                 ex.state = advance(ex.state, DEFER)
                 # Reading goes on (unlike _park): the wait is a few loop turns, a body is bounded
                 # by on_request_body's own pause, and a client that resets is noticed and skipped.
-                turns.wait(partial(self._after_turn, ex, runtime, token, presented, step))
+                turns.wait(partial(self._after_turn, ex, runtime, token, presented, step, decision.key))
                 return
             if isinstance(decision, Pending):
                 if step == AUTHORIZE_AGAIN:
@@ -667,7 +668,7 @@ class ClientConnection(asyncio.Protocol):
             self.internal_error(ex)
 
     def _after_turn(self, ex: Exchange, runtime: RouteRuntime, token: str | None, presented: Presentation,
-                    step: int) -> None:
+                    step: int, token_key: bytes) -> None:
         """A verification slot for ``ex``, which waited for it (jwtproxy.turns): decide it now,
         unless it was answered meanwhile (a protocol error) or its client has gone, which the
         transport knows first (closing at once; ``connection_lost``, which drops ``ex``, follows
@@ -676,14 +677,14 @@ class ClientConnection(asyncio.Protocol):
         if (self.closed or transport is None or transport.is_closing() or self.current is not ex
                 or ex.state != DECIDING or ex.task is not None):
             return
-        self._authorize_after_wait(ex, runtime, token, presented, step)
+        self._authorize_after_wait(ex, runtime, token, presented, step, token_key)
 
     def _authorize_after_wait(self, ex: Exchange, runtime: RouteRuntime, token: str | None,
-                              presented: Presentation, step: int) -> None:
+                              presented: Presentation, step: int, token_key: bytes | None = None) -> None:
         """Go on with ``ex`` from authorisation step ``step`` once its wait is over."""
         try:
             self.reading.resume("buffer")
-            self._proceed(ex, runtime, token, presented, step, None)
+            self._proceed(ex, runtime, token, presented, step, None, token_key)
         except Exception:
             self.internal_error(ex)
 

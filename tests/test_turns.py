@@ -232,6 +232,28 @@ async def test_unknown_tokens_beyond_a_turns_share_wait_and_are_all_answered(mak
     assert sorted(subs) == sorted(f"user-{n}" for n in range(count))
 
 
+async def test_a_waiting_token_verified_meanwhile_is_found_by_its_own_key(make_gateway, rsa_key, backend):
+    # A refused request resumes with the cache key its first ask computed. Two requests carry one
+    # token past the turn's share: the first to resume verifies it, the second must find that
+    # verdict under its own key (a wrong key would miss and verify again, or find another's).
+    gw = await make_gateway()
+    turns = gw.gateway.auth.turns = RecordingTurns()
+    others = [fresh_token(rsa_key, n) for n in range(VERIFICATIONS_PER_TURN)]
+    twice = fresh_token(rsa_key, 777)
+    payloads = [request(t) for t in others] + [request(twice, "/a"), request(twice, "/b")]
+    conns = await send_all_in_one_turn(gw.port, payloads)
+    try:
+        statuses = await asyncio.gather(*(read_status(r) for r, _ in conns))
+    finally:
+        for _, w in conns:
+            w.close()
+    assert statuses == [200] * len(payloads)
+    assert turns.waited >= 2  # both copies waited behind the first turn's share
+    assert turns.granted == VERIFICATIONS_PER_TURN + 1  # the repeated token was verified once
+    by_path = {record["path"]: dict(record["headers"]).get("x-user-id") for record in backend.seen}
+    assert by_path["/a"] == by_path["/b"] == "user-777"
+
+
 async def test_a_cached_token_is_not_held_behind_waiting_verifications(make_gateway, rsa_key, backend):
     gw = await make_gateway()
     turns = gw.gateway.auth.turns = RecordingTurns()
