@@ -42,7 +42,6 @@ token and rejects everything else with :class:`TokenRejected` before any key is 
 from __future__ import annotations
 
 import binascii
-from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -91,26 +90,37 @@ class TokenRejected(Exception):
         self.description = description
 
 
-@dataclass(slots=True)
+# The two results below are plain classes with their own ``__init__``, not dataclasses: a
+# dataclass's generated ``__init__`` is interpreted Python even where this module is compiled,
+# and one is made for every token parsed.
+
+
 class ParsedJWS:
     """A syntactically valid compact JWS whose payload may be any bytes (signature layer)."""
 
-    header: dict[str, Any]
-    payload: bytes
-    signing_input: bytes
-    signature: bytes
-    raw: str
+    __slots__ = ("header", "payload", "signing_input", "signature", "raw")
+
+    def __init__(self, header: dict[str, Any], payload: bytes, signing_input: bytes, signature: bytes,
+                 raw: str) -> None:
+        self.header = header
+        self.payload = payload
+        self.signing_input = signing_input
+        self.signature = signature
+        self.raw = raw
 
 
-@dataclass(slots=True)
 class ParsedToken:
     """A syntactically valid JWT: a JWS whose payload is a JSON object (the claims)."""
 
-    header: dict[str, Any]
-    payload: dict[str, Any]
-    signing_input: bytes
-    signature: bytes
-    raw: str
+    __slots__ = ("header", "payload", "signing_input", "signature", "raw")
+
+    def __init__(self, header: dict[str, Any], payload: dict[str, Any], signing_input: bytes, signature: bytes,
+                 raw: str) -> None:
+        self.header = header
+        self.payload = payload
+        self.signing_input = signing_input
+        self.signature = signature
+        self.raw = raw
 
 
 def _malformed(description: str) -> TokenRejected:

@@ -57,15 +57,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from jwtproxy.jose import ParsedJWS, ParsedToken, TokenRejected, parse_compact
 from jwtproxy.keys import HMAC_ALGORITHMS, KeySet, SignatureVerifier, keyset_from_secret
 from jwtproxy.tokencache import Repeats
 
-# At run time, not only for type checking: the compiled module (jwtproxy.compiled) resolves the
-# annotations of its dataclasses when it is imported.
+# At run time, not only for type checking: the compiled module (jwtproxy.compiled) checks an
+# argument annotated with a class against that class when it is called.
 from jwtproxy.config import IssuerConfig
 
 __all__ = [
@@ -104,19 +103,26 @@ class KeysNotLoaded(Exception):
         self.issuer = issuer
 
 
-@dataclass(slots=True)
 class Verified:
-    """A verified token: its issuer, claims, and the claims the gateway uses on every request."""
+    """A verified token: its issuer, claims, and the claims the gateway uses on every request.
 
-    issuer: IssuerConfig
-    claims: dict[str, Any]
-    exp: float
-    iat: float | None
-    sub: str | None
-    jti: str | None
-    # The token's audience values; None when the claim is absent (allowed only where the caller
-    # said so). Kept so that a caller deciding audiences per request can test membership again.
-    audience: frozenset[str] | None = None
+    A plain class with its own ``__init__``, not a dataclass: a dataclass's generated ``__init__``
+    is interpreted Python even where this module is compiled, and one is made per verification."""
+
+    __slots__ = ("issuer", "claims", "exp", "iat", "sub", "jti", "audience")
+
+    def __init__(self, issuer: IssuerConfig, claims: dict[str, Any], exp: float, iat: float | None,
+                 sub: str | None, jti: str | None, audience: frozenset[str] | None = None) -> None:
+        self.issuer = issuer
+        self.claims = claims
+        self.exp = exp
+        self.iat = iat
+        self.sub = sub
+        self.jti = jti
+        # The token's audience values; None when the claim is absent (allowed only where the
+        # caller said so). Kept so that a caller deciding audiences per request can test
+        # membership again.
+        self.audience = audience
 
 
 def normalise_typ(value: str) -> str:
