@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -134,6 +135,22 @@ class ReadGate:
             transport = self.transport
             if not self.reasons and transport is not None and not transport.is_closing():
                 transport.resume_reading()
+
+
+class RequestIds:
+    """``X-Request-Id`` values for requests that bring none: a random prefix per worker start and
+    a counter (cheaper than a UUID; the prefix tells workers and restarts apart). Here, not in the
+    gateway: the connection asks once per request, and a compiled method is a cheap call."""
+
+    __slots__ = ("prefix", "count")
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(6).hex().encode() + b"-"
+        self.count = 0
+
+    def next(self) -> bytes:
+        self.count += 1
+        return self.prefix + b"%x" % self.count
 
 
 class Exchange:
@@ -515,7 +532,7 @@ class ClientConnection(asyncio.Protocol):
         """Describe, route and decide ``ex`` (the phases shared by both listener kinds)."""
         gw = self.gw
         scanned = ex.scanned
-        ex.request_id = scanned.request_id or gw.next_request_id()
+        ex.request_id = scanned.request_id or gw.request_ids.next()
         try:
             forwarded_host = None
             if self.authz:

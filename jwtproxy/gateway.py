@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Mapping
@@ -22,7 +21,7 @@ from jwtproxy.accesslog import AccessLog
 from jwtproxy.assertion import AssertionKey, AssertionSigner
 from jwtproxy.auth import AuthStage, CachedToken, RouteRules
 from jwtproxy.config import Config, IssuerConfig, RouteConfig
-from jwtproxy.connection import ClientConnection
+from jwtproxy.connection import ClientConnection, RequestIds
 from jwtproxy.dpop import ProofChecker
 from jwtproxy.dpopreplay import HostReplayGuard, RedisReplayGuard
 from jwtproxy.forwarded import ProxyTrust
@@ -218,8 +217,7 @@ class Gateway:
         self.replay_remote = replay_remote
         self.connections: set[ClientConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
-        self._request_prefix = os.urandom(6).hex().encode() + b"-"
-        self._request_counter = 0
+        self.request_ids = RequestIds()
         self._drained: asyncio.Event | None = None
 
     def _sample_gauges(self) -> Iterator[tuple[str, tuple[str, ...], float]]:
@@ -237,9 +235,8 @@ class Gateway:
                 self._fallbacks_seen = fallbacks
 
     def next_request_id(self) -> bytes:
-        """Unique per worker start: a random prefix and a counter (cheaper than a UUID)."""
-        self._request_counter += 1
-        return self._request_prefix + b"%x" % self._request_counter
+        """Unique per worker start: a random prefix and a counter (:class:`RequestIds`)."""
+        return self.request_ids.next()
 
     def protocol_factory(self) -> ClientConnection:
         return ClientConnection(self)
