@@ -234,10 +234,6 @@ class Gateway:
                 self.metrics.rate_limit_fallbacks(fallbacks - self._fallbacks_seen)
                 self._fallbacks_seen = fallbacks
 
-    def next_request_id(self) -> bytes:
-        """Unique per worker start: a random prefix and a counter (:class:`RequestIds`)."""
-        return self.request_ids.next()
-
     def protocol_factory(self) -> ClientConnection:
         return ClientConnection(self)
 

@@ -3,7 +3,7 @@ gateway workers, a jwks_file issuer whose keys the test mints, and the aiohttp e
 of tests/helpers.py running on the test's event loop.
 
 What identifies a worker: every response carries ``X-Request-Id``, whose prefix is random per
-worker start (``Gateway.next_request_id``), so the set of prefixes seen is the set of workers
+worker start (``connection.RequestIds``), so the set of prefixes seen is the set of workers
 that answered. Worker PIDs come from the daemon's JSON event log on stderr
 (``worker_started`` / ``worker_died`` / ``ready`` / ``reload_done``).
 
