@@ -49,6 +49,8 @@ HOT_MODULES: tuple[str, ...] = (
     "connection",
     "upstream",
     "metrics",
+    "sharedtable",
+    "ratelimit",
 )
 
 PURE_ENV = "JWTPROXY_PURE_PYTHON"

@@ -33,6 +33,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .sharedtable import SharedTableBusy
+
 __all__ = [
     "REDIS_PREFIX",
     "TABLE_CAPACITY",
@@ -74,7 +76,7 @@ class HostReplayGuard:
         """True if ``key`` was not seen before on this host (it is now recorded until ``until``)."""
         try:
             return self.table.insert_if_absent(key, until, now)
-        except (RuntimeError, OSError) as exc:  # SharedTableBusy is a RuntimeError
+        except (SharedTableBusy, OSError) as exc:
             raise ReplayCheckUnavailable(f"host replay table: {exc}") from None
 
     @property

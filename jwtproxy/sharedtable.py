@@ -86,8 +86,11 @@ _EXCLUSIVE_NOWAIT: Final = fcntl.LOCK_EX | fcntl.LOCK_NB
 _UNLOCK: Final = fcntl.LOCK_UN
 
 
-class SharedTableBusy(RuntimeError):
-    """A stripe stayed locked past ``lock_timeout`` (its holder is stopped, not dead)."""
+class SharedTableBusy(Exception):
+    """A stripe stayed locked past ``lock_timeout`` (its holder is stopped, not dead).
+
+    An ``Exception``, not a ``RuntimeError``: this module is compiled (``jwtproxy.compiled``), and
+    mypyc derives a compiled class from ``Exception`` but from no other built-in exception."""
 
 
 def _close_fd(fd: int) -> None:
@@ -115,15 +118,18 @@ def _memory_file(size: int) -> int:
     return fd
 
 
-# Tables alive in this process. A fork may happen while a thread of the parent holds a table's
-# thread lock; the child would inherit it locked with no thread to release it, so every child
-# starts with fresh ones (record locks need no such care: they are never inherited).
-_TABLES: weakref.WeakSet[SharedTable] = weakref.WeakSet()
+# The thread locks of the tables alive in this process. A fork may happen while a thread of the
+# parent holds one; the child would inherit it locked with no thread to release it, so every child
+# starts with fresh ones (record locks need no such care: they are never inherited). A table's lock
+# sits in a one-item list that the table and this registry share, and the registry is keyed by the
+# table's mapping: a compiled class has no weak references, an ``mmap`` has, and the entry goes
+# with the table (nothing else holds its mapping).
+_THREAD_LOCKS: weakref.WeakKeyDictionary[mmap.mmap, list[threading.Lock]] = weakref.WeakKeyDictionary()
 
 
 def _fresh_thread_locks() -> None:
-    for table in _TABLES:
-        table._thread_lock = threading.Lock()
+    for holder in list(_THREAD_LOCKS.values()):
+        holder[0] = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_fresh_thread_locks)
@@ -139,7 +145,7 @@ class SharedTable:
     __slots__ = (
         "capacity", "values", "stripes", "lock_timeout", "evictions",
         "_buckets", "_bucket_bytes", "_record", "_records", "_fd", "_map", "_salt",
-        "_thread_lock", "_zero_values", "_closer", "__weakref__",
+        "_thread_lock", "_zero_values", "_closer",
     )
 
     def __init__(self, capacity: int, *, values: int = 1, stripes: int = 64,
@@ -162,13 +168,13 @@ class SharedTable:
         self._fd = _memory_file(self._buckets * self._bucket_bytes)
         self._map = mmap.mmap(self._fd, self._buckets * self._bucket_bytes, mmap.MAP_SHARED,
                               mmap.PROT_READ | mmap.PROT_WRITE)
-        # A table dropped without close() must not keep its descriptor (the mapping goes with the
-        # mmap object); close() runs the same finaliser once.
-        self._closer = weakref.finalize(self, _close_fd, self._fd)
+        # A table dropped without close() must not keep its descriptor: it is closed when the
+        # mapping, which only the table holds, is collected; close() runs the same finaliser once.
+        self._closer = weakref.finalize(self._map, _close_fd, self._fd)
         self._salt = os.urandom(16)
-        self._thread_lock = threading.Lock()
+        self._thread_lock: list[threading.Lock] = [threading.Lock()]  # see _THREAD_LOCKS
+        _THREAD_LOCKS[self._map] = self._thread_lock
         self._zero_values = (0.0,) * values
-        _TABLES.add(self)
 
     # -- keys and locks ----------------------------------------------------------------------
 
@@ -181,7 +187,7 @@ class SharedTable:
         return digest, bucket * self._bucket_bytes, bucket % self.stripes
 
     def _lock(self, stripe: int) -> None:
-        if not self._thread_lock.acquire(False):
+        if not self._thread_lock[0].acquire(False):
             self._lock_slowly(stripe)
         else:
             try:
@@ -191,7 +197,7 @@ class SharedTable:
 
     def _lock_slowly(self, stripe: int) -> None:
         """Take the stripe when another thread of this process holds the thread lock."""
-        if not self._thread_lock.acquire(timeout=self.lock_timeout):
+        if not self._thread_lock[0].acquire(timeout=self.lock_timeout):
             raise SharedTableBusy(f"table locked by another thread for more than "
                                   f"{self.lock_timeout} s")
         try:
@@ -207,7 +213,7 @@ class SharedTable:
                 raise exc
             self._wait_for(stripe)
         except BaseException:
-            self._thread_lock.release()
+            self._thread_lock[0].release()
             raise
 
     def _wait_for(self, stripe: int) -> None:
@@ -230,7 +236,7 @@ class SharedTable:
         try:
             _lockf(self._fd, _UNLOCK, 1, stripe)
         finally:
-            self._thread_lock.release()
+            self._thread_lock[0].release()
 
     # -- slots (callers hold the bucket's stripe) --------------------------------------------
 
@@ -293,7 +299,7 @@ class SharedTable:
         bucket = int.from_bytes(digest[:8], "little") % self._buckets
         base = bucket * self._bucket_bytes
         stripe = bucket % self.stripes
-        if not self._thread_lock.acquire(False):
+        if not self._thread_lock[0].acquire(False):
             self._lock_slowly(stripe)
         else:
             try:
@@ -334,7 +340,7 @@ class SharedTable:
         bucket = int.from_bytes(digest[:8], "little") % self._buckets
         base = bucket * self._bucket_bytes
         stripe = bucket % self.stripes
-        if not self._thread_lock.acquire(False):
+        if not self._thread_lock[0].acquire(False):
             self._lock_slowly(stripe)
         else:
             try:
@@ -384,7 +390,7 @@ class SharedTable:
         bucket = int.from_bytes(digest[:8], "little") % self._buckets
         base = bucket * self._bucket_bytes
         stripe = bucket % self.stripes
-        if not self._thread_lock.acquire(False):
+        if not self._thread_lock[0].acquire(False):
             self._lock_slowly(stripe)
         else:
             try:

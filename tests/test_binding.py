@@ -32,7 +32,7 @@ from jwtproxy.dpop import normalise_htu
 from jwtproxy.dpopreplay import HostReplayGuard
 from jwtproxy.jose import TokenRejected
 from jwtproxy.keys import keyset_from_jwks
-from jwtproxy.sharedtable import SharedTable
+from jwtproxy.sharedtable import SharedTable, SharedTableBusy
 from jwtproxy.tokencache import TokenCache
 from jwtproxy.verifier import TokenVerifier
 
@@ -282,7 +282,7 @@ def test_replay_table_busy_fails_closed(key: SigningKey, client: DPoPClient) -> 
         evictions = 0
 
         def insert_if_absent(self, key: bytes, expires: float, now: float) -> bool:
-            raise RuntimeError("stripe locked")
+            raise SharedTableBusy("stripe 3 locked for more than 1.0 s")
 
     stage, rules = build(key, host_replay=HostReplayGuard(Busy()))
     token = key.token(cnf={"jkt": client.jkt})

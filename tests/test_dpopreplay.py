@@ -13,6 +13,7 @@ from redis_server import RedisServer, redis_server  # noqa: E402,F401  (fixture)
 
 from jwtproxy.dpop import replay_key  # noqa: E402
 from jwtproxy.dpopreplay import HostReplayGuard, RedisReplayGuard, ReplayCheckUnavailable  # noqa: E402
+from jwtproxy.sharedtable import SharedTableBusy  # noqa: E402
 
 NOW = 1_800_000_000.0
 
@@ -21,7 +22,7 @@ class _BusyTable:
     evictions = 0
 
     def insert_if_absent(self, key: bytes, expires: float, now: float) -> bool:
-        raise RuntimeError("stripe 3 locked for more than 1.0 s")
+        raise SharedTableBusy("stripe 3 locked for more than 1.0 s")
 
 
 def test_host_guard_busy_table_fails_closed() -> None:

@@ -6,6 +6,7 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -159,6 +160,44 @@ def _try_put_expect_busy(table: SharedTable) -> None:
     except SharedTableBusy:
         os._exit(0)
     os._exit(3)
+
+
+def test_a_child_forked_while_a_thread_is_inside_an_operation_gets_fresh_thread_locks() -> None:
+    """A worker is forked while another thread of its parent holds the table's thread lock (it
+    is inside ``update``): the child has no such thread, so it must start with a free lock, or
+    its every operation would wait ``lock_timeout`` and fail."""
+    table = SharedTable(16 * 64, values=1, lock_timeout=0.5)
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold(current: tuple[float, ...] | None, now: float) -> tuple[None, float, None]:
+        inside.set()
+        leave.wait(10)
+        return None, 0.0, None
+
+    held = b"held"
+    # A key on another stripe: the parent's record lock on the held stripe is real in the child.
+    other = next(key for key in (b"other-%d" % i for i in range(1000))
+                 if table._locate(key)[2] != table._locate(held)[2])
+    thread = threading.Thread(target=table.update, args=(held, NOW, hold))
+    thread.start()
+    try:
+        assert inside.wait(10)
+        child = FORK.Process(target=_put_expect_done, args=(table, other))
+        child.start()
+        child.join(10)
+        assert child.exitcode == 0, "the child inherited its parent's held thread lock"
+    finally:
+        leave.set()
+        thread.join(10)
+    assert table.get(other, NOW) == (1.0,)  # the child's write, seen here
+
+
+def _put_expect_done(table: SharedTable, key: bytes) -> None:
+    try:
+        table.put(key, (1.0,), NOW + 1, NOW)
+    except SharedTableBusy:
+        os._exit(3)
+    os._exit(0)
 
 
 # -- across forked processes ----------------------------------------------------------------
