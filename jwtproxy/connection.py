@@ -598,9 +598,12 @@ class ClientConnection(asyncio.Protocol):
         policy = runtime.rate_limit
         if step == LIMIT_BEFORE:
             if policy is not None and not policy.needs_identity:
-                digest = cache_key(token) if token is not None and policy.key == TOKEN else None
+                digest = None
+                if token is not None and policy.key == TOKEN:
+                    # The token's cache key keys the limit too: authorisation reuses it.
+                    digest = token_key = cache_key(token) if token_key is None else token_key
                 key = policy.key_for(self.client_address(ex), None, digest)
-                if not self._within_limit(ex, runtime, policy, key, token, presented, AUTHORIZE, allow):
+                if not self._within_limit(ex, runtime, policy, key, token, presented, AUTHORIZE, allow, token_key):
                     return
             step = AUTHORIZE
         if step in (AUTHORIZE, AUTHORIZE_AGAIN) and allow is None:
@@ -644,11 +647,12 @@ class ClientConnection(asyncio.Protocol):
         return forwarded.client if forwarded is not None else self.peer
 
     def _within_limit(self, ex: Exchange, runtime: RouteRuntime, policy: Policy, key: bytes, token: str | None,
-                      presented: Presentation, next_step: int, allow: Allow | None) -> bool:
+                      presented: Presentation, next_step: int, allow: Allow | None,
+                      token_key: bytes | None = None) -> bool:
         """Whether ``ex`` may go on now; otherwise it has been answered 429 or parked on Redis."""
         limits = self.gw.limits
         if limits.uses_redis:
-            self._park(ex, self._after_limit(ex, runtime, policy, key, token, presented, next_step, allow))
+            self._park(ex, self._after_limit(ex, runtime, policy, key, token, presented, next_step, allow, token_key))
             return False
         wait = limits.check(policy, key, time.time())
         if wait > 0.0:
@@ -663,7 +667,8 @@ class ClientConnection(asyncio.Protocol):
         ex.task = self.loop.create_task(work)
 
     async def _after_limit(self, ex: Exchange, runtime: RouteRuntime, policy: Policy, key: bytes,
-                           token: str | None, presented: Presentation, next_step: int, allow: Allow | None) -> None:
+                           token: str | None, presented: Presentation, next_step: int, allow: Allow | None,
+                           token_key: bytes | None = None) -> None:
         try:
             wait = await self.gw.limits.check_redis(policy, key, time.time())
         except asyncio.CancelledError:
@@ -680,7 +685,7 @@ class ClientConnection(asyncio.Protocol):
             if wait > 0.0:
                 self._rate_limited(ex, runtime, policy, wait)
             else:
-                self._proceed(ex, runtime, token, presented, next_step, allow)
+                self._proceed(ex, runtime, token, presented, next_step, allow, token_key)
         except Exception:
             self.internal_error(ex)
 
