@@ -273,9 +273,12 @@ class Harness:
     def one(self, index: int) -> None:
         """One request (and, when it is forwarded, its response)."""
         reqs = self.requests
+        outbox = self.gateway.outbox
         self.client.data_received(reqs[index % len(reqs)])
+        outbox.flush()  # the end of the loop turn (jwtproxy.outbox): each request is a turn here
         if self.upstream_step:
             self.upstream.data_received(self.response)
+            outbox.flush()
         self.statuses[self.client_transport.last[9:12]] += 1
 
     def check(self, expected_count: int) -> None:

@@ -51,6 +51,7 @@ HOT_MODULES: tuple[str, ...] = (
     "metrics",
     "sharedtable",
     "ratelimit",
+    "outbox",
 )
 
 PURE_ENV = "JWTPROXY_PURE_PYTHON"

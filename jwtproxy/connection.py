@@ -354,6 +354,8 @@ class ClientConnection(asyncio.Protocol):
         self.receiving: Exchange | None = None  # the exchange whose request bytes are arriving
         self.queue: deque[Exchange] = deque()
         self.write_paused = False
+        # Bytes written this loop turn, sent at its end (jwtproxy.outbox); None: nothing held.
+        self.held_out: list[bytes] | None = None
         self.closing = False
         self.closed = False
         self.deadline: float | None = None
@@ -390,6 +392,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.closing = True
+        self.held_out = None
         self.gw.connections.discard(self)
         if self.timer is not None:
             self.timer.cancel()
@@ -1158,19 +1161,40 @@ class ClientConnection(asyncio.Protocol):
 
     # -- transport helpers ------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
+        """Send ``data`` at the end of this loop turn, after what was written before it
+        (:mod:`jwtproxy.outbox`)."""
         # is_closing(): the client may have reset the connection with connection_lost not yet
         # delivered, and a write then raises.
         transport = self.transport
-        if transport is not None and not self.closed and not transport.is_closing():
+        if transport is None or self.closed or transport.is_closing():
+            return
+        held = self.held_out
+        if held is not None:
+            held.append(data)
+        elif self.gw.outbox.hold(self):
+            self.held_out = [data]
+        else:
             transport.write(data)
+
+    def flush_out(self) -> None:
+        """Write what this turn held (the outbox's end-of-turn callback, and before a close)."""
+        held = self.held_out
+        if held is None:
+            return
+        self.held_out = None
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     def close(self) -> None:
         self.closing = True
+        self.flush_out()
         if self.transport is not None and not self.closed:
             self.transport.close()
 
     def abort(self) -> None:
         self.closing = True
+        self.held_out = None
         if self.transport is not None and not self.closed:
             self.transport.abort()
 

@@ -29,6 +29,7 @@ from jwtproxy.forwardauth import prefix_key
 from jwtproxy.headerpolicy import HeaderPolicy
 from jwtproxy.introspection import Introspector
 from jwtproxy.metrics import WorkerMetrics
+from jwtproxy.outbox import Outbox
 from jwtproxy.limits import WorkerLimits
 from jwtproxy.metrics import (
     GAUGE_CLIENT_CONNECTIONS,
@@ -180,8 +181,11 @@ class Gateway:
         # host may have connections to one target (Envoy's max_pending_requests is the same
         # default, 1024), each for at most the upstream's connect_timeout.
         queue_limit = config.limits.upstream_max_connections
+        #: The connections holding writes until the end of this loop turn (jwtproxy.outbox).
+        self.outbox = Outbox()
         self.pools = {
-            name: UpstreamPool(upstream, slots=self.limits.slots(upstream), queue_limit=queue_limit)
+            name: UpstreamPool(upstream, slots=self.limits.slots(upstream), queue_limit=queue_limit,
+                               outbox=self.outbox)
             for name, upstream in config.upstreams.items()
         }
         self.routes: dict[int, RouteRuntime] = {}

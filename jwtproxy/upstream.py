@@ -65,6 +65,7 @@ from jwtproxy.connlimits import (
     QueueFull,
     UpstreamSlots,
 )
+from jwtproxy.outbox import Outbox
 from jwtproxy.upstream_tls import client_context, failure_reason
 
 __all__ = ["ResponseSink", "UpstreamConnection", "UpstreamError", "UpstreamPool"]
@@ -153,6 +154,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_tls",
         "_lost",
         "holds_slot",
+        "_held",
     )
 
     def __init__(self, pool: UpstreamPool, target_index: int) -> None:
@@ -161,6 +163,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.target_index = target_index
         self._tls = pool.targets[target_index].scheme == "https"
         self._lost: Exception | None = None  # what closed the connection, if it was an error
+        self._held: list[bytes] | None = None  # written this loop turn, sent at its end (pool.outbox)
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -196,6 +199,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._held = None
         self._lost = exc
         self._cancel_timer()
         self.pool.free_slot(self)
@@ -372,7 +376,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_delimited = False
         self._interim = False
         if not transport.is_closing():
-            transport.write(head)
+            self._write(transport, head)
         self._arm_head_timer(response_timeout)
 
     def send(self, data: bytes) -> None:
@@ -380,7 +384,29 @@ class UpstreamConnection(asyncio.Protocol):
         # delivered, and a write then raises.
         transport = self.transport
         if transport is not None and not self.closed and not transport.is_closing():
+            self._write(transport, data)
+
+    def _write(self, transport: asyncio.Transport, data: bytes) -> None:
+        """``data`` at the end of this loop turn, after what was written before it."""
+        held = self._held
+        if held is not None:
+            held.append(data)
+            return
+        outbox = self.pool.outbox
+        if outbox is not None and outbox.hold(self):
+            self._held = [data]
+        else:
             transport.write(data)
+
+    def flush_out(self) -> None:
+        """Write what this turn held (the outbox's end-of-turn callback, and before a close)."""
+        held = self._held
+        if held is None:
+            return
+        self._held = None
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     def request_sent(self) -> None:
         """The whole request body has been written."""
@@ -403,6 +429,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self._cancel_timer()
+        self.flush_out()
         if not self.closed:
             self.closed = True
             if self.transport is not None:
@@ -547,8 +574,12 @@ class UpstreamPool:
         *,
         slots: UpstreamSlots | None = None,
         queue_limit: int = 0,
+        outbox: Outbox | None = None,
     ) -> None:
+        """``outbox``: where this pool's connections hold their writes until the end of the loop
+        turn (:mod:`jwtproxy.outbox`); None: they write at once."""
         self.config = config
+        self.outbox = outbox
         self.name = config.name
         self.targets: tuple[Target, ...] = config.targets
         self._idle: list[deque[UpstreamConnection]] = [deque() for _ in self.targets]
