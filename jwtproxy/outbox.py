@@ -21,8 +21,9 @@ runs it after the I/O callbacks of the turn. The rules:
   does losing it.
 - **No loop, no holding.** Outside a running event loop (a direct caller, a tool) :meth:`hold`
   refuses and the caller writes at once.
-- **One failure is one connection's.** A connection whose write fails is logged; the others of
-  the turn are written all the same.
+- **One failure is one connection's.** A connection whose write fails is logged and closed (its
+  client is not left waiting for an answer that will never be written); the others of the turn
+  are written all the same.
 
 A turn is bounded (``jwtproxy.turns`` bounds its signature work), so holding delays an answer by
 at most the rest of the turn it was decided in.
@@ -44,6 +45,9 @@ class HoldsWrites(Protocol):
 
     def flush_out(self) -> None:
         """Write what this connection holds (nothing if it holds nothing or has closed)."""
+
+    def close(self) -> None:
+        """Close the connection (after a failed :meth:`flush_out`)."""
 
 
 class Outbox:
@@ -83,4 +87,8 @@ class Outbox:
             try:
                 writer.flush_out()
             except Exception:  # the connection's own problem; the others still go out
-                log.exception("writing a connection's held bytes failed")
+                log.exception("writing a connection's held bytes failed; closing it")
+                try:
+                    writer.close()
+                except Exception:
+                    log.exception("closing a connection whose held bytes failed raised")

@@ -21,6 +21,10 @@ class Writer:
         self.name = name
         self.fail = fail
         self.held: list[bytes] | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def write(self, data: bytes) -> None:
         if self.held is not None:
@@ -79,6 +83,7 @@ async def test_one_failing_connection_does_not_keep_the_others_from_being_writte
         await end_of_turn()
     assert sent == [("fine", b"y")]
     assert "held bytes failed" in caplog.text
+    assert broken.closed and not fine.closed  # its client is not left waiting for the answer
 
 
 def test_a_flush_scheduled_on_a_loop_that_closed_is_scheduled_again_on_the_next() -> None:
